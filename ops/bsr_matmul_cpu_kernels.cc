@@ -1,0 +1,261 @@
+// Register-tiled CPU kernels for BSR products, specialised on block shape.
+//
+// The one dispatch point is DispatchBlockShape() at the bottom: the block
+// shapes users prune to (square 4..32 and the TFLite-friendly 4x1 / 16x1,
+// whose transposes the backward pass needs) get a kernel whose inner loops
+// have compile-time trip counts, so the compiler keeps the accumulator tile
+// in vector registers; every other shape takes the generic runtime loop.
+#include "bsr_matmul_cpu_kernels.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace tfbs {
+namespace {
+
+// Rows of the dense operand kept in registers per tile: enough accumulators
+// to hide FMA latency, few enough to leave registers for the block row and
+// the broadcast (16 AVX2 registers).
+template <typename T, int kLanes>
+constexpr int RowsPerTile() {
+  constexpr int kVec = 32 / static_cast<int>(sizeof(T));
+  constexpr int kVecsPerRow = (kLanes + kVec - 1) / kVec;
+  constexpr int kRows = 12 / kVecsPerRow;
+  return kRows < 1 ? 1 : (kRows > 8 ? 8 : kRows);
+}
+
+// One tile of kRows dense rows times one group, for blocks [BI, BO].
+template <typename T, int BI, int BO, int kRows>
+inline void ProductTile(const GroupedProductArgs<T>& a, int64_t g, int64_t m) {
+  T acc[kRows][BO];
+  for (int r = 0; r < kRows; ++r)
+    for (int o = 0; o < BO; ++o) acc[r][o] = T(0);
+  const int64_t ld = a.in_cols;
+  const T* in_rows = a.in + m * ld;
+  for (int32_t p = a.group_ptr[g]; p < a.group_ptr[g + 1]; ++p) {
+    const int64_t id = a.ids ? a.ids[p] : p;
+    const T* __restrict blk = a.blocks + id * (BI * BO);
+    const int64_t c0 = static_cast<int64_t>(a.in_block[p]) * BI;
+    const T* __restrict x = in_rows + c0;
+    if (c0 + BI <= ld) {
+      for (int i = 0; i < BI; ++i) {
+        for (int r = 0; r < kRows; ++r) {
+          const T xv = x[r * ld + i];
+          for (int o = 0; o < BO; ++o) acc[r][o] += xv * blk[i * BO + o];
+        }
+      }
+    } else {  // bottom edge block: the padded rows have no input
+      const int64_t imax = ld - c0;
+      for (int64_t i = 0; i < imax; ++i) {
+        for (int r = 0; r < kRows; ++r) {
+          const T xv = x[r * ld + i];
+          for (int o = 0; o < BO; ++o) acc[r][o] += xv * blk[i * BO + o];
+        }
+      }
+    }
+  }
+  const int64_t o0 = g * BO;
+  const int64_t omax = std::min<int64_t>(BO, a.out_cols - o0);
+  T* out = a.out + m * a.out_cols + o0;
+  for (int r = 0; r < kRows; ++r)
+    for (int64_t o = 0; o < omax; ++o) out[r * a.out_cols + o] = acc[r][o];
+}
+
+// Blocks one column wide ([BI, 1]): a dot product per row and block. The
+// lanes are reduced once at the end, so the loop vectorises without
+// reassociating the sum across blocks.
+template <typename T, int BI, int kRows>
+inline void DotTile(const GroupedProductArgs<T>& a, int64_t g, int64_t m) {
+  T lanes[kRows][BI];
+  for (int r = 0; r < kRows; ++r)
+    for (int i = 0; i < BI; ++i) lanes[r][i] = T(0);
+  const int64_t ld = a.in_cols;
+  const T* in_rows = a.in + m * ld;
+  for (int32_t p = a.group_ptr[g]; p < a.group_ptr[g + 1]; ++p) {
+    const int64_t id = a.ids ? a.ids[p] : p;
+    const T* __restrict blk = a.blocks + id * BI;
+    const int64_t c0 = static_cast<int64_t>(a.in_block[p]) * BI;
+    const T* __restrict x = in_rows + c0;
+    if (c0 + BI <= ld) {
+      for (int r = 0; r < kRows; ++r)
+        for (int i = 0; i < BI; ++i) lanes[r][i] += x[r * ld + i] * blk[i];
+    } else {
+      const int64_t imax = ld - c0;
+      for (int r = 0; r < kRows; ++r)
+        for (int64_t i = 0; i < imax; ++i) lanes[r][i] += x[r * ld + i] * blk[i];
+    }
+  }
+  if (g >= a.out_cols) return;
+  T* out = a.out + m * a.out_cols + g;
+  for (int r = 0; r < kRows; ++r) {
+    T s = T(0);
+    for (int i = 0; i < BI; ++i) s += lanes[r][i];
+    out[r * a.out_cols] = s;
+  }
+}
+
+template <typename T, int BI, int BO>
+void ProductFixed(const GroupedProductArgs<T>& a, int64_t g_begin,
+                  int64_t g_end, int64_t m_begin, int64_t m_end) {
+  constexpr int kRows = RowsPerTile<T, (BO == 1 ? BI : BO)>();
+  for (int64_t g = g_begin; g < g_end; ++g) {
+    int64_t m = m_begin;
+    for (; m + kRows <= m_end; m += kRows) {
+      if constexpr (BO == 1) DotTile<T, BI, kRows>(a, g, m);
+      else ProductTile<T, BI, BO, kRows>(a, g, m);
+    }
+    for (; m < m_end; ++m) {
+      if constexpr (BO == 1) DotTile<T, BI, 1>(a, g, m);
+      else ProductTile<T, BI, BO, 1>(a, g, m);
+    }
+  }
+}
+
+template <typename T>
+void ProductGeneric(const GroupedProductArgs<T>& a, int64_t g_begin,
+                    int64_t g_end, int64_t m_begin, int64_t m_end) {
+  const int64_t bi = a.bi, bo = a.bo, ld = a.in_cols;
+  for (int64_t g = g_begin; g < g_end; ++g) {
+    const int64_t o0 = g * bo;
+    const int64_t omax = std::min<int64_t>(bo, a.out_cols - o0);
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      T* out = a.out + m * a.out_cols + o0;
+      for (int64_t o = 0; o < omax; ++o) out[o] = T(0);
+      for (int32_t p = a.group_ptr[g]; p < a.group_ptr[g + 1]; ++p) {
+        const int64_t id = a.ids ? a.ids[p] : p;
+        const T* blk = a.blocks + id * bi * bo;
+        const int64_t c0 = static_cast<int64_t>(a.in_block[p]) * bi;
+        const int64_t imax = std::min<int64_t>(bi, ld - c0);
+        const T* x = a.in + m * ld + c0;
+        for (int64_t i = 0; i < imax; ++i) {
+          const T xv = x[i];
+          for (int64_t o = 0; o < omax; ++o) out[o] += xv * blk[i * bo + o];
+        }
+      }
+    }
+  }
+}
+
+// The only place that maps a runtime block shape to a specialised kernel.
+template <typename T, template <typename, int, int> class Fn, typename... A>
+void DispatchBlockShape(int64_t bi, int64_t bo, A&&... args) {
+#define TFBS_CASE(I, O) \
+  if (bi == I && bo == O) return Fn<T, I, O>::Run(args...);
+  TFBS_CASE(4, 4) TFBS_CASE(8, 8) TFBS_CASE(16, 16) TFBS_CASE(32, 32)
+  TFBS_CASE(4, 1) TFBS_CASE(16, 1) TFBS_CASE(1, 4) TFBS_CASE(1, 16)
+#undef TFBS_CASE
+  Fn<T, 0, 0>::Run(args...);  // 0 x 0 selects the generic kernel
+}
+
+template <typename T, int BI, int BO>
+struct ProductFn {
+  static void Run(const GroupedProductArgs<T>& a, int64_t gb, int64_t ge,
+                  int64_t mb, int64_t me) {
+    if constexpr (BI == 0) ProductGeneric<T>(a, gb, ge, mb, me);
+    else ProductFixed<T, BI, BO>(a, gb, ge, mb, me);
+  }
+};
+
+// dvalues of one block, in chunks of kChunk block rows so that the
+// accumulator chunk stays in registers while the dense rows stream by.
+template <typename T, int BH, int BW>
+void ValuesGradBlock(const ValuesGradArgs<T>& a, int64_t p) {
+  constexpr int kVec = 32 / static_cast<int>(sizeof(T));
+  constexpr int kVecsPerRow = (BW + kVec - 1) / kVec;
+  constexpr int kChunkRaw = 12 / kVecsPerRow;
+  constexpr int kChunk = kChunkRaw < 1 ? 1 : (kChunkRaw > BH ? BH : kChunkRaw);
+  const int64_t r0 = static_cast<int64_t>(a.block_row[p]) * BH;
+  const int64_t c0 = static_cast<int64_t>(a.col_indices[p]) * BW;
+  const int64_t imax = std::min<int64_t>(BH, a.k - r0);
+  const bool full_cols = c0 + BW <= a.n;
+  T* dv = a.dvalues + p * (BH * BW);
+  std::memset(dv, 0, sizeof(T) * BH * BW);
+  for (int64_t i0 = 0; i0 < imax; i0 += kChunk) {
+    T acc[kChunk][BW];
+    for (int i = 0; i < kChunk; ++i)
+      for (int o = 0; o < BW; ++o) acc[i][o] = T(0);
+    const int64_t ic = std::min<int64_t>(kChunk, imax - i0);
+    for (int64_t m = 0; m < a.m; ++m) {
+      const T* __restrict xr = a.x + m * a.k + r0 + i0;
+      const T* __restrict dyr = a.dy + m * a.n + c0;
+      if (full_cols && ic == kChunk) {
+        for (int i = 0; i < kChunk; ++i) {
+          const T xv = xr[i];
+          for (int o = 0; o < BW; ++o) acc[i][o] += xv * dyr[o];
+        }
+      } else {
+        const int64_t omax = std::min<int64_t>(BW, a.n - c0);
+        for (int64_t i = 0; i < ic; ++i)
+          for (int64_t o = 0; o < omax; ++o) acc[i][o] += xr[i] * dyr[o];
+      }
+    }
+    for (int64_t i = 0; i < ic; ++i)
+      for (int o = 0; o < BW; ++o) dv[(i0 + i) * BW + o] = acc[i][o];
+  }
+}
+
+template <typename T>
+void ValuesGradGeneric(const ValuesGradArgs<T>& a, int64_t p) {
+  const int64_t bh = a.bh, bw = a.bw;
+  const int64_t r0 = static_cast<int64_t>(a.block_row[p]) * bh;
+  const int64_t c0 = static_cast<int64_t>(a.col_indices[p]) * bw;
+  const int64_t imax = std::min<int64_t>(bh, a.k - r0);
+  const int64_t omax = std::min<int64_t>(bw, a.n - c0);
+  T* dv = a.dvalues + p * bh * bw;
+  std::memset(dv, 0, sizeof(T) * bh * bw);
+  for (int64_t m = 0; m < a.m; ++m) {
+    const T* xr = a.x + m * a.k + r0;
+    const T* dyr = a.dy + m * a.n + c0;
+    for (int64_t i = 0; i < imax; ++i)
+      for (int64_t o = 0; o < omax; ++o) dv[i * bw + o] += xr[i] * dyr[o];
+  }
+}
+
+template <typename T, int BH, int BW>
+struct ValuesGradFn {
+  static void Run(const ValuesGradArgs<T>& a, int64_t pb, int64_t pe) {
+    for (int64_t p = pb; p < pe; ++p) {
+      if constexpr (BH == 0) ValuesGradGeneric<T>(a, p);
+      else ValuesGradBlock<T, BH, BW>(a, p);
+    }
+  }
+};
+
+}  // namespace
+
+template <typename T>
+void GroupedBlockProduct(const GroupedProductArgs<T>& args, int64_t g_begin,
+                         int64_t g_end, int64_t m_begin, int64_t m_end) {
+  DispatchBlockShape<T, ProductFn>(args.bi, args.bo, args, g_begin, g_end,
+                                   m_begin, m_end);
+}
+
+template <typename T>
+void BsrValuesGrad(const ValuesGradArgs<T>& args, int64_t p_begin,
+                   int64_t p_end) {
+  DispatchBlockShape<T, ValuesGradFn>(args.bh, args.bw, args, p_begin, p_end);
+}
+
+template <typename T>
+void TransposeBlocks(const T* blocks, int64_t bh, int64_t bw, T* out,
+                     int64_t p_begin, int64_t p_end) {
+  const int64_t size = bh * bw;
+  for (int64_t p = p_begin; p < p_end; ++p) {
+    const T* src = blocks + p * size;
+    T* dst = out + p * size;
+    for (int64_t i = 0; i < bh; ++i)
+      for (int64_t o = 0; o < bw; ++o) dst[o * bh + i] = src[i * bw + o];
+  }
+}
+
+#define TFBS_INSTANTIATE(T)                                                  \
+  template void GroupedBlockProduct<T>(const GroupedProductArgs<T>&, int64_t, \
+                                       int64_t, int64_t, int64_t);          \
+  template void BsrValuesGrad<T>(const ValuesGradArgs<T>&, int64_t, int64_t); \
+  template void TransposeBlocks<T>(const T*, int64_t, int64_t, T*, int64_t,  \
+                                   int64_t);
+TFBS_INSTANTIATE(float)
+TFBS_INSTANTIATE(double)
+#undef TFBS_INSTANTIATE
+
+}  // namespace tfbs

@@ -1,0 +1,168 @@
+"""Installs tf_blocksparse and compiles its TensorFlow ops.
+
+The op library must be compiled against the TensorFlow that will load it,
+so the build imports the installed `tensorflow` for its flags. pip's
+isolated build environment would not see it; install with
+
+    pip install -r requirements.txt
+    pip install --no-build-isolation -e .
+
+Two libraries are built into `tf_blocksparse/ops/`:
+- `_tf_blocksparse_ops`: op registrations and CPU kernels (always);
+- `_tf_blocksparse_ops_gpu`: CUDA kernels, when `nvcc` is found (on PATH or
+  in /usr/local/cuda/bin), linked against the static CUDA runtime so that
+  the library still loads on a machine without CUDA. Set
+  `TF_BLOCKSPARSE_CUDA=0` to skip it.
+The arithmetic kernels are compiled with `-march=native` (they are built on
+the machine that runs them); set `TF_BLOCKSPARSE_MARCH` (e.g. `x86-64-v3`)
+to build for another machine.
+"""
+
+import concurrent.futures
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import Extension
+from setuptools import find_packages
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Sources of each library. *_cpu_kernels.cc hold the arithmetic and include
+# no TensorFlow header, so only they get -march=native (see ops/ README note
+# in the BUILD file); everything else is compiled with TensorFlow's flags.
+CPU_ARITHMETIC_SOURCES = [
+    "ops/bsr_matmul_cpu_kernels.cc",
+]
+CPU_TF_SOURCES = [
+    "ops/bsr_matmul_ops.cc",
+    "ops/bsr_matmul_kernels.cc",
+]
+GPU_CUDA_SOURCES = [
+    "ops/bsr_matmul_gpu_kernels.cu",
+]
+GPU_TF_SOURCES = [
+    "ops/bsr_matmul_kernels_gpu.cc",
+]
+CUDA_ARCH_FLAGS = [
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90,code=sm_90",
+    "-gencode=arch=compute_90,code=compute_90",
+]
+
+
+def _tf_flags():
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  return tf.sysconfig.get_compile_flags(), tf.sysconfig.get_link_flags()
+
+
+def _nvcc():
+  if os.environ.get("TF_BLOCKSPARSE_CUDA", "1") == "0":
+    return None
+  return shutil.which("nvcc") or next(
+      (p for p in ["/usr/local/cuda/bin/nvcc"] if os.path.exists(p)), None)
+
+
+def _run(cmd):
+  print(" ".join(cmd), flush=True)
+  subprocess.run(cmd, check=True, cwd=HERE)
+
+
+class BuildTfOps(build_ext):
+  """Builds the op libraries with g++/nvcc instead of distutils' compiler."""
+
+  def build_extensions(self):
+    for ext in list(self.extensions):
+      if not ext.name.endswith("_gpu"):
+        self.build_extension(ext)
+        continue
+      try:
+        built = self.build_extension(ext)
+      except (subprocess.CalledProcessError, OSError) as e:
+        # The CPU library is complete without it; say so and go on.
+        print(f"WARNING: CUDA kernels not built ({e}); CPU kernels only.",
+              file=sys.stderr)
+        built = False
+      if not built:  # nothing to copy or install for it
+        self.extensions.remove(ext)
+
+  def build_extension(self, ext):
+    out = self.get_ext_fullpath(ext.name)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = os.path.join(self.build_temp, ext.name.replace(".", "_"))
+    os.makedirs(tmp, exist_ok=True)
+    if ext.name.endswith("_gpu"):
+      return self._build_gpu(out, tmp)
+    self._build_cpu(out, tmp)
+    return True
+
+  def _compile_all(self, jobs):
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+      list(pool.map(_run, jobs))
+
+  def _build_cpu(self, out, tmp):
+    tf_cflags, tf_lflags = _tf_flags()
+    march = os.environ.get("TF_BLOCKSPARSE_MARCH", "native")
+    objs, jobs = [], []
+    for src in CPU_ARITHMETIC_SOURCES:
+      obj = os.path.join(tmp, os.path.basename(src) + ".o")
+      jobs.append(["g++", "-std=c++17", "-O3", f"-march={march}", "-fPIC",
+                   "-c", src, "-o", obj])
+      objs.append(obj)
+    for src in CPU_TF_SOURCES:
+      obj = os.path.join(tmp, os.path.basename(src) + ".o")
+      jobs.append(["g++", "-O2", "-fPIC", "-Wno-deprecated-declarations",
+                   *tf_cflags, "-c", src, "-o", obj])
+      objs.append(obj)
+    self._compile_all(jobs)
+    _run(["g++", "-shared", *objs, "-o", out, *tf_lflags])
+
+  def _build_gpu(self, out, tmp):
+    nvcc = _nvcc()
+    if nvcc is None:
+      print("nvcc not found: building without CUDA kernels.")
+      return False
+    tf_cflags, tf_lflags = _tf_flags()
+    cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    objs, jobs = [], []
+    for src in GPU_CUDA_SOURCES:
+      obj = os.path.join(tmp, os.path.basename(src) + ".o")
+      jobs.append([nvcc, "-std=c++17", "-O3", *CUDA_ARCH_FLAGS,
+                   "-Xcompiler", "-fPIC", "-c", src, "-o", obj])
+      objs.append(obj)
+    for src in GPU_TF_SOURCES:
+      obj = os.path.join(tmp, os.path.basename(src) + ".o")
+      jobs.append(["g++", "-O2", "-fPIC", "-Wno-deprecated-declarations",
+                   "-DGOOGLE_CUDA=1", *tf_cflags, "-c", src, "-o", obj])
+      objs.append(obj)
+    self._compile_all(jobs)
+    _run(["g++", "-shared", *objs, "-o", out, *tf_lflags,
+          f"-L{cuda_home}/lib64", "-l:libcudart_static.a", "-ldl", "-lrt",
+          "-lpthread"])
+    return True
+
+
+setup(
+    name="tf_blocksparse",
+    version="0.1.0",
+    description="Block-sparse recurrent networks for TensorFlow / tf_keras",
+    packages=find_packages(include=["tf_blocksparse", "tf_blocksparse.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "tensorflow==2.21.*",
+        "tf_keras==2.21.*",
+        "tensorflow-model-optimization==0.8.1",
+        "numpy",
+        "absl-py",
+    ],
+    extras_require={"test": ["pytest"], "plot": ["matplotlib"]},
+    ext_modules=[
+        Extension("tf_blocksparse.ops._tf_blocksparse_ops", sources=[]),
+        Extension("tf_blocksparse.ops._tf_blocksparse_ops_gpu", sources=[]),
+    ],
+    cmdclass={"build_ext": BuildTfOps},
+    zip_safe=False,
+)

@@ -1,0 +1,3 @@
+"""Block compressed sparse row (BSR) storage."""
+
+from tf_blocksparse.bsr.matrix import BlockSparseMatrix

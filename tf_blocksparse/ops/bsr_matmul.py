@@ -1,0 +1,120 @@
+"""`bsr_matmul(x, matrix)`: dense `x @ W` for a block-sparse `W`."""
+
+import tensorflow as tf
+
+from tf_blocksparse.bsr import validation
+from tf_blocksparse.bsr.matrix import BlockSparseMatrix
+from tf_blocksparse.ops import _loader
+from tf_blocksparse.ops import fallback
+
+# The kernels compute in float32/float64; half types are widened around them.
+_KERNEL_DTYPES = (tf.float32, tf.float64)
+_WIDENED_DTYPES = (tf.float16, tf.bfloat16)
+
+
+def bsr_matmul(x, matrix, name=None):
+  """Computes `x @ W` for dense `x` of shape `[..., K]` and BSR `W` `[K, N]`.
+
+  This is the orientation of Keras `Dense` and RNN kernels. Runs the
+  compiled kernel when `custom_ops_available()`, else an equivalent pure-TF
+  graph. Differentiable with respect to `x` and to `matrix.values` (the
+  layout is fixed). float16/bfloat16 are computed in float32.
+
+  Args:
+    x: dense tensor `[..., K]` of the matrix's dtype.
+    matrix: a `BlockSparseMatrix` of shape `[K, N]`.
+    name: optional name scope.
+
+  Returns:
+    Tensor `[..., N]`.
+
+  Raises:
+    tf.errors.InvalidArgumentError: wrong ranks or inner dimension,
+      mismatched dtypes, or a malformed block structure.
+
+  Example:
+
+  >>> import numpy as np, tensorflow as tf, tf_blocksparse as tfbs
+  >>> w = np.kron(np.eye(2), np.ones([4, 4])).astype(np.float32)
+  >>> m = tfbs.BlockSparseMatrix.from_dense(w, block_size=4)
+  >>> x = tf.ones([3, 8])
+  >>> np.allclose(tfbs.ops.bsr_matmul(x, m), x @ w)
+  True
+  """
+  if not isinstance(matrix, BlockSparseMatrix):
+    raise TypeError(f"matrix must be a BlockSparseMatrix, got {type(matrix).__name__}")
+  with tf.name_scope(name or "bsr_matmul"):
+    x = tf.convert_to_tensor(x)
+    if x.dtype != matrix.dtype:
+      raise validation.invalid(
+          f"x has dtype {x.dtype.name} but the matrix holds {matrix.dtype.name}")
+    if x.shape.rank is not None and x.shape.rank < 1:
+      raise validation.invalid(f"x must have rank >= 1, got shape {x.shape}")
+    k, n = matrix.shape
+    if x.shape[-1] is not None and x.shape[-1] != k:
+      raise validation.invalid(
+          f"x has {x.shape[-1]} columns but the sparse matrix has K = {k}")
+    if x.dtype in _WIDENED_DTYPES:
+      wide = matrix.with_values(tf.cast(matrix.values, tf.float32))
+      return tf.cast(bsr_matmul(tf.cast(x, tf.float32), wide), x.dtype)
+    if x.dtype not in _KERNEL_DTYPES:
+      raise validation.invalid(f"unsupported dtype {x.dtype.name}")
+
+    batch_shape = tf.shape(x)[:-1]
+    x2 = tf.reshape(x, [-1, k])
+    lib = _loader.library()
+    if lib is None:
+      y2 = fallback.bsr_matmul_2d(x2, matrix)
+    else:
+      y2 = lib.tfbs_bsr_matmul(x2, matrix.values, matrix.col_indices,
+                               matrix.row_ptr, _dense_shape(matrix))
+    y = tf.reshape(y2, tf.concat([batch_shape, [n]], axis=0))
+    if x.shape.rank is not None:
+      y.set_shape(x.shape[:-1].concatenate([n]))
+    return y
+
+
+def custom_ops_available():
+  """True when the compiled kernels are loaded; else `bsr_matmul` runs pure TF."""
+  return _loader.custom_ops_available()
+
+
+def _dense_shape(matrix):
+  return tf.constant(matrix.shape, tf.int64)
+
+
+def _bsr_inputs(op, first):
+  return op.inputs[first:first + 4]
+
+
+# Gradients of the compiled ops, in terms of each other: each op is bilinear
+# in its dense operand and the block values, so the family is closed under
+# differentiation (second derivatives work too).
+@tf.RegisterGradient("TfbsBsrMatmul")
+def _bsr_matmul_grad(op, dy):
+  lib = _loader._load()
+  x = op.inputs[0]
+  bsr = _bsr_inputs(op, 1)
+  dx = lib.tfbs_bsr_matmul_transposed(dy, *bsr)
+  dvalues = lib.tfbs_bsr_matmul_values_grad(x, dy, *bsr)
+  return [dx, dvalues, None, None, None]
+
+
+@tf.RegisterGradient("TfbsBsrMatmulTransposed")
+def _bsr_matmul_transposed_grad(op, ddx):
+  lib = _loader._load()
+  dy = op.inputs[0]
+  bsr = _bsr_inputs(op, 1)
+  d_dy = lib.tfbs_bsr_matmul(ddx, *bsr)
+  dvalues = lib.tfbs_bsr_matmul_values_grad(ddx, dy, *bsr)
+  return [d_dy, dvalues, None, None, None]
+
+
+@tf.RegisterGradient("TfbsBsrMatmulValuesGrad")
+def _bsr_matmul_values_grad_grad(op, dg):
+  lib = _loader._load()
+  x, dy = op.inputs[0], op.inputs[1]
+  values, col_indices, row_ptr, dense_shape = _bsr_inputs(op, 2)
+  bsr = (dg, col_indices, row_ptr, dense_shape)
+  return [lib.tfbs_bsr_matmul_transposed(dy, *bsr),
+          lib.tfbs_bsr_matmul(x, *bsr), None, None, None, None]
