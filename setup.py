@@ -36,10 +36,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # in the BUILD file); everything else is compiled with TensorFlow's flags.
 CPU_ARITHMETIC_SOURCES = [
     "ops/bsr_matmul_cpu_kernels.cc",
+    "ops/bsr_rnn_cpu_kernels.cc",
 ]
 CPU_TF_SOURCES = [
     "ops/bsr_matmul_ops.cc",
     "ops/bsr_matmul_kernels.cc",
+    "ops/bsr_rnn_ops.cc",
+    "ops/bsr_rnn_kernels.cc",
 ]
 GPU_CUDA_SOURCES = [
     "ops/bsr_matmul_gpu_kernels.cu",
@@ -64,6 +67,17 @@ def _nvcc():
     return None
   return shutil.which("nvcc") or next(
       (p for p in ["/usr/local/cuda/bin/nvcc"] if os.path.exists(p)), None)
+
+
+def _cuda_home(nvcc):
+  """The toolkit folder holding lib64/libcudart_static.a."""
+  candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                os.path.dirname(os.path.dirname(os.path.realpath(nvcc))),
+                "/usr/local/cuda"]
+  for home in filter(None, candidates):
+    if os.path.exists(os.path.join(home, "lib64", "libcudart_static.a")):
+      return home
+  raise OSError("libcudart_static.a not found; set CUDA_HOME")
 
 
 def _run(cmd):
@@ -126,7 +140,7 @@ class BuildTfOps(build_ext):
       print("nvcc not found: building without CUDA kernels.")
       return False
     tf_cflags, tf_lflags = _tf_flags()
-    cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    cuda_home = _cuda_home(nvcc)
     objs, jobs = [], []
     for src in GPU_CUDA_SOURCES:
       obj = os.path.join(tmp, os.path.basename(src) + ".o")

@@ -16,10 +16,17 @@ namespace tfbs {
 //
 // x @ W uses it with groups = block columns of W (the per-call column
 // index), dy @ W^T with groups = block rows of W and transposed blocks.
+//
+// Element (m, c) of `in` is read at in[(c / bi) * in_block_stride +
+// m * in_row_stride + c % bi], which covers both a row-major [m, in_cols]
+// operand (in_block_stride = bi, in_row_stride = in_cols) and one packed
+// by PackBlockColumns (contiguous rows within each input block).
 template <typename T>
 struct GroupedProductArgs {
   const T* in = nullptr;
   int64_t in_cols = 0;
+  int64_t in_row_stride = 0;
+  int64_t in_block_stride = 0;
   const T* blocks = nullptr;
   int64_t bi = 0;
   int64_t bo = 0;
@@ -50,6 +57,14 @@ struct ValuesGradArgs {
 template <typename T>
 void BsrValuesGrad(const ValuesGradArgs<T>& args, int64_t p_begin,
                    int64_t p_end);
+
+// Packs row-major in [m, cols] into [ceil(cols / bi), m, bi], zero padding
+// the last block, for input blocks [b_begin, b_end). A block of rows is
+// then contiguous, which the hardware prefetcher follows; reading the
+// row-major operand instead jumps a whole row per dense row.
+template <typename T>
+void PackBlockColumns(const T* in, int64_t m, int64_t cols, int64_t bi, T* out,
+                      int64_t b_begin, int64_t b_end);
 
 // Transposes every block: out[p] = blocks[p]^T, for p in [p_begin, p_end).
 template <typename T>

@@ -25,16 +25,42 @@ namespace {
 // small enough that M = 256 still splits into several units per group.
 constexpr int64_t kRowsPerUnit = 48;
 
+// From this many dense rows on, the dense operand is first packed block
+// column by block column (PackBlockColumns): ~10% faster at M = 256, not
+// worth a copy for a handful of rows.
+constexpr int64_t kMinRowsToPack = 32;
+
 // Runs the grouped product over (group, row chunk) units on the pool.
+// `args.in` is row-major [m, args.in_cols]; the strides are set here.
 template <typename T>
-void RunGroupedProduct(OpKernelContext* ctx, const GroupedProductArgs<T>& args,
-                       int64_t num_groups, int64_t m, int64_t nnzb) {
-  if (num_groups == 0 || m == 0) return;
+::tensorflow::Status RunGroupedProduct(OpKernelContext* ctx,
+                                       GroupedProductArgs<T> args,
+                                       int64_t num_groups, int64_t m,
+                                       int64_t nnzb) {
+  if (num_groups == 0 || m == 0) return ::tensorflow::Status();
+  auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  args.in_row_stride = args.in_cols;
+  args.in_block_stride = args.bi;
+  Tensor packed;
+  if (m >= kMinRowsToPack) {
+    const int64_t in_blocks = (args.in_cols + args.bi - 1) / args.bi;
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(
+        ::tensorflow::DataTypeToEnum<T>::value,
+        TensorShape({in_blocks * m * args.bi}), &packed));
+    T* dst = packed.flat<T>().data();
+    const T* src = args.in;
+    const int64_t cols = args.in_cols, bi = args.bi;
+    pool->ParallelFor(in_blocks, m * bi, [&](int64_t begin, int64_t end) {
+      PackBlockColumns<T>(src, m, cols, bi, dst, begin, end);
+    });
+    args.in = dst;
+    args.in_row_stride = bi;
+    args.in_block_stride = m * bi;
+  }
   const int64_t row_chunks = (m + kRowsPerUnit - 1) / kRowsPerUnit;
   const int64_t rows = std::min(m, kRowsPerUnit);
   const int64_t cost = std::max<int64_t>(
       1, rows * (nnzb / num_groups + 1) * args.bi * args.bo * 2);
-  auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
   pool->ParallelFor(num_groups * row_chunks, cost,
                     [&](int64_t begin, int64_t end) {
                       for (int64_t u = begin; u < end; ++u) {
@@ -45,6 +71,7 @@ void RunGroupedProduct(OpKernelContext* ctx, const GroupedProductArgs<T>& args,
                         GroupedBlockProduct<T>(args, g, g + 1, m0, m1);
                       }
                     });
+  return ::tensorflow::Status();
 }
 
 template <typename T>
@@ -79,7 +106,7 @@ class BsrMatmulOp : public OpKernel {
     args.in_block = index.block_rows.data();
     args.out = y->flat<T>().data();
     args.out_cols = geo.n;
-    RunGroupedProduct(ctx, args, geo.nbc, geo.m, geo.nnzb);
+    OP_REQUIRES_OK(ctx, RunGroupedProduct(ctx, args, geo.nbc, geo.m, geo.nnzb));
   }
 };
 
@@ -125,7 +152,7 @@ class BsrMatmulTransposedOp : public OpKernel {
     args.in_block = ctx->input(2).flat<int32_t>().data();
     args.out = dx->flat<T>().data();
     args.out_cols = geo.k;
-    RunGroupedProduct(ctx, args, geo.nbr, geo.m, geo.nnzb);
+    OP_REQUIRES_OK(ctx, RunGroupedProduct(ctx, args, geo.nbr, geo.m, geo.nnzb));
   }
 };
 
