@@ -19,6 +19,8 @@ to build for another machine.
 """
 
 import concurrent.futures
+import fnmatch
+import glob
 import os
 import shutil
 import subprocess
@@ -31,25 +33,22 @@ from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# Sources of each library. *_cpu_kernels.cc hold the arithmetic and include
-# no TensorFlow header, so only they get -march=native (see ops/ README note
-# in the BUILD file); everything else is compiled with TensorFlow's flags.
-CPU_ARITHMETIC_SOURCES = [
-    "ops/bsr_matmul_cpu_kernels.cc",
-    "ops/bsr_rnn_cpu_kernels.cc",
-]
-CPU_TF_SOURCES = [
-    "ops/bsr_matmul_ops.cc",
-    "ops/bsr_matmul_kernels.cc",
-    "ops/bsr_rnn_ops.cc",
-    "ops/bsr_rnn_kernels.cc",
-]
-GPU_CUDA_SOURCES = [
-    "ops/bsr_matmul_gpu_kernels.cu",
-]
-GPU_TF_SOURCES = [
-    "ops/bsr_matmul_kernels_gpu.cc",
-]
+# Sources of each library, by file-name convention (the Bazel BUILD file
+# uses the same patterns, so both builds always compile the same files):
+#   ops/*_cpu_kernels.cc  arithmetic, no TensorFlow header: the only files
+#                         compiled with -march=native;
+#   ops/*_ops.cc, ops/*_kernels.cc  op registrations and CPU OpKernels;
+#   ops/*.cu, ops/*_gpu.cc          CUDA kernels and their GPU OpKernels.
+def _sources(pattern, exclude=()):
+  found = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+  return [p for p in found if not any(fnmatch.fnmatch(p, e) for e in exclude)]
+
+
+CPU_ARITHMETIC_SOURCES = _sources("ops/*_cpu_kernels.cc")
+CPU_TF_SOURCES = (_sources("ops/*_ops.cc") +
+                  _sources("ops/*_kernels.cc", exclude=["ops/*_cpu_kernels.cc"]))
+GPU_CUDA_SOURCES = _sources("ops/*.cu")
+GPU_TF_SOURCES = _sources("ops/*_gpu.cc")
 CUDA_ARCH_FLAGS = [
     "-gencode=arch=compute_80,code=sm_80",
     "-gencode=arch=compute_90,code=sm_90",

@@ -40,6 +40,14 @@ constexpr int VecBytes() {
   return kRow >= 32 ? 32 : kRow;
 }
 
+// All lanes set to s. Written as s - 0, which compilers fold to a plain
+// broadcast since it is exact for every s; s + 0 is not (-0.0 + 0.0 = +0.0)
+// and costs a real addition per broadcast.
+template <typename V, typename T>
+inline V Broadcast(T s) {
+  return s - V{};
+}
+
 template <typename V, typename T>
 inline V LoadVec(const T* p) {
   V v;
@@ -74,7 +82,7 @@ inline void ProductTile(const GroupedProductArgs<T>& a, int64_t g, int64_t m) {
       for (int v = 0; v < kNV; ++v) b[v] = LoadVec<V>(blk + i * BO + v * kW);
 #pragma GCC unroll 8
       for (int r = 0; r < kRows; ++r) {
-        const V xv = V{} + x[r * ld + i];
+        const V xv = Broadcast<V>(x[r * ld + i]);
 #pragma GCC unroll 8
         for (int v = 0; v < kNV; ++v) acc[r][v] += xv * b[v];
       }
