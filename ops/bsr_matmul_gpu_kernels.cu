@@ -19,6 +19,9 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kRowsPerThread = 4;
+// Shared memory per thread block, below the 48 KB every device allows
+// without opting in.
+constexpr int64_t kSharedBytes = 40 * 1024;
 
 template <typename T, int BI, int BO>
 __global__ void GroupedProductKernel(GroupedProductArgs<T> a, int64_t m,
@@ -79,18 +82,25 @@ int Launch(const GroupedProductArgs<T>& a, int64_t num_groups, int64_t m,
   const int bo = BO > 0 ? BO : a.bo;
   const int bi = BI > 0 ? BI : a.bi;
   // Threads: bo output columns times ty row slots; each slot covers
-  // kRowsPerThread rows, fewer when m is small.
-  const int bo_threads = std::min(bo, kThreads);
-  const int ty = std::max(1, std::min<int>(kThreads / bo_threads,
-                                           static_cast<int>(std::min<int64_t>(m, kThreads))));
-  const int rows_per_tile = ty * kRowsPerThread;
+  // kRowsPerThread rows, fewer slots when m is small, and few enough that the
+  // staged block and input rows fit the shared memory budget.
   if (bo > kThreads) return static_cast<int>(cudaErrorInvalidConfiguration);
-  const dim3 grid(static_cast<unsigned>(num_groups),
-                  static_cast<unsigned>((m + rows_per_tile - 1) / rows_per_tile));
+  const int64_t budget = kSharedBytes / static_cast<int64_t>(sizeof(T)) -
+                         static_cast<int64_t>(bi) * bo;
+  const int64_t max_slots = budget / (static_cast<int64_t>(bi) * kRowsPerThread);
+  if (max_slots < 1) return static_cast<int>(cudaErrorInvalidConfiguration);
+  const int ty = static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>({kThreads / bo, m, max_slots})));
+  const int rows_per_tile = ty * kRowsPerThread;
+  const int64_t row_tiles = (m + rows_per_tile - 1) / rows_per_tile;
+  if (num_groups > 0x7fffffff || row_tiles > 65535) {
+    return static_cast<int>(cudaErrorInvalidConfiguration);
+  }
+  const dim3 grid(static_cast<unsigned>(num_groups), static_cast<unsigned>(row_tiles));
   const size_t smem = sizeof(T) * (static_cast<size_t>(bi) * bo +
                                    static_cast<size_t>(rows_per_tile) * bi);
   GroupedProductKernel<T, BI, BO>
-      <<<grid, bo_threads * ty, smem, static_cast<cudaStream_t>(stream)>>>(
+      <<<grid, bo * ty, smem, static_cast<cudaStream_t>(stream)>>>(
           a, m, rows_per_tile);
   return static_cast<int>(cudaGetLastError());
 }

@@ -54,6 +54,12 @@ Status UploadIndices(OpKernelContext* ctx,
 }
 
 Status CheckLaunch(int code, const char* what) {
+  constexpr int kInvalidConfiguration = 9;  // cudaErrorInvalidConfiguration
+  if (code == kInvalidConfiguration) {
+    return ::tensorflow::errors::InvalidArgument(
+        what, ": block shape or batch too large for the GPU kernel (blocks at "
+        "most 256 wide and 40 KB, at most 65535 row tiles); run it on the CPU");
+  }
   if (code != 0) return Internal(what, " failed to launch: CUDA error ", code);
   return Status();
 }
