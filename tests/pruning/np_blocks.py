@@ -1,0 +1,83 @@
+"""Independent numpy references for block pruning tests (plain loops)."""
+
+import numpy as np
+
+
+def as_matrix(w):
+  w = np.asarray(w)
+  return w.reshape(-1, w.shape[-1])
+
+
+def blocks(w, block_size, gates=1):
+  """Yields (g, i, j, block view) over gate slices, partial blocks included."""
+  m = as_matrix(w)
+  k, n = m.shape
+  u = n // gates
+  bh, bw = block_size
+  for g in range(gates):
+    s = m[:, g * u:(g + 1) * u]
+    for i in range(0, k, bh):
+      for j in range(0, u, bw):
+        yield g, i // bh, j // bw, s[i:i + bh, j:j + bw]
+
+
+def grid(w, block_size, gates=1):
+  m = as_matrix(w)
+  k, n = m.shape
+  u = n // gates
+  return gates, -(-k // block_size[0]), -(-u // block_size[1])
+
+
+def representatives(w, block_size, pooling, gates=1):
+  out = np.zeros(grid(w, block_size, gates))
+  nb = block_size[0] * block_size[1]
+  for g, i, j, b in blocks(w, block_size, gates):
+    a = np.abs(b.astype(np.float64))
+    if pooling == "max":
+      out[g, i, j] = a.max()
+    elif pooling == "avg":
+      out[g, i, j] = a.mean()
+    else:  # l2 of a whole block with the same mean square
+      out[g, i, j] = np.sqrt((a ** 2).mean() * nb)
+  return out
+
+
+def block_mask_of_values(w, block_size, gates=1):
+  """True where a block holds any non-zero element."""
+  out = np.zeros(grid(w, block_size, gates), bool)
+  for g, i, j, b in blocks(w, block_size, gates):
+    out[g, i, j] = np.any(b != 0)
+  return out
+
+
+def expand(block_mask, w_shape, block_size, gates=1):
+  """Element mask of a weight of shape `w_shape` from a block mask."""
+  m = np.zeros(as_matrix(np.zeros(w_shape)).shape)
+  u = m.shape[1] // gates
+  bh, bw = block_size
+  for g in range(gates):
+    for i in range(block_mask.shape[1]):
+      for j in range(block_mask.shape[2]):
+        m[i * bh:(i + 1) * bh, g * u + j * bw:min(g * u + (j + 1) * bw,
+                                                  (g + 1) * u)] = \
+            block_mask[g, i, j]
+  return m.reshape(w_shape)
+
+
+def top_blocks(reps, sparsity):
+  """Keeps n - round(n * sparsity) blocks with the largest reps (>= 1)."""
+  flat = reps.ravel()
+  n = flat.size
+  keep = max(n - int(np.floor(n * sparsity + 0.5)), 1)
+  order = np.argsort(-flat, kind="stable")
+  mask = np.zeros(n, bool)
+  mask[order[:keep]] = True
+  return mask.reshape(reps.shape)
+
+
+def assert_block_structure(value, block_size, gates=1):
+  """Every block is either all zero or has no zero at all (an untouched
+  trained block of random weights has no exact zeros)."""
+  for g, i, j, b in blocks(value, block_size, gates):
+    nz = np.count_nonzero(b)
+    assert nz in (0, b.size), (g, i, j, b)
