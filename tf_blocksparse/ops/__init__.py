@@ -3,3 +3,6 @@
 from tf_blocksparse.ops._loader import use_custom_ops
 from tf_blocksparse.ops.bsr_matmul import bsr_matmul
 from tf_blocksparse.ops.bsr_matmul import custom_ops_available
+from tf_blocksparse.ops.bsr_rnn import gru_sequence
+from tf_blocksparse.ops.bsr_rnn import lstm_sequence
+from tf_blocksparse.ops.bsr_rnn import simple_rnn_sequence

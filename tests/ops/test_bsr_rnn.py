@@ -1,0 +1,281 @@
+"""Fused sequence ops vs an independent numpy recurrence, both paths."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_blocksparse as tfbs
+from tf_blocksparse.ops import _loader
+
+from bsr_testing import PATHS, path_scope, random_block_sparse
+
+GATES = {"lstm": 4, "gru": 3, "gru_before": 3, "simple": 1}
+
+
+def _sig(x):
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+def numpy_rnn(kind, x_proj, states, u, rbias, mask, go_backwards, zero_out,
+              act=np.tanh, rec_act=_sig):
+  """Keras semantics, written out in float64 numpy."""
+  x_proj = x_proj.astype(np.float64)
+  states = [s.astype(np.float64) for s in states]
+  b, t, _ = x_proj.shape
+  h_units = u.shape[0]
+  order = range(t - 1, -1, -1) if go_backwards else range(t)
+  prev = np.zeros([b, h_units])
+  outs = []
+  for step in order:
+    x = x_proj[:, step]
+    h = states[0]
+    if kind == "simple":
+      new = [act(x + h @ u)]
+    elif kind == "lstm":
+      z = x + h @ u
+      i, f, g, o = np.split(z, 4, axis=1)
+      c = rec_act(f) * states[1] + rec_act(i) * act(g)
+      new = [rec_act(o) * act(c), c]
+    else:
+      xz, xr, xh = np.split(x, 3, axis=1)
+      inner = h @ u + (0 if rbias is None else rbias)
+      rz, rr, rh = np.split(inner, 3, axis=1)
+      z, r = rec_act(xz + rz), rec_act(xr + rr)
+      if kind == "gru":
+        hh = act(xh + r * rh)
+      else:
+        hh = act(xh + (r * h) @ u[:, 2 * h_units:])
+      new = [z * h + (1 - z) * hh]
+    out = new[0]
+    if mask is not None:
+      keep = mask[:, step][:, None]
+      new = [np.where(keep, n, s) for n, s in zip(new, states)]
+      out = np.where(keep, out, 0 if zero_out else prev)
+    states, prev = new, out
+    outs.append(out)
+  return np.stack(outs, axis=1), states
+
+
+def _run(kind, x, states, rec, rbias=None, **kw):
+  if kind == "lstm":
+    out, h, c = tfbs.ops.lstm_sequence(x, states[0], states[1], rec, **kw)
+    return out, [h, c]
+  if kind == "simple":
+    out, h = tfbs.ops.simple_rnn_sequence(x, states[0], rec, **kw)
+    return out, [h]
+  out, h = tfbs.ops.gru_sequence(x, states[0], rec, recurrent_bias=rbias,
+                                 reset_after=kind == "gru", **kw)
+  return out, [h]
+
+
+def _case(kind, units, block, seed=0, batch=3, time=6):
+  rng = np.random.default_rng(seed)
+  g = GATES[kind]
+  u, _ = random_block_sparse(rng, units, g * units, block, density=0.5)
+  u *= 0.4
+  x = rng.standard_normal([batch, time, g * units]).astype(np.float32)
+  states = [rng.standard_normal([batch, units]).astype(np.float32)
+            for _ in range(2 if kind == "lstm" else 1)]
+  mask = rng.random([batch, time]) > 0.3
+  mask[0, :2] = False  # masked first steps: the output is zeros, not h0
+  rbias = (rng.standard_normal(3 * units).astype(np.float32)
+           if kind == "gru" else None)
+  return u, x, states, mask, rbias
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", sorted(GATES))
+@pytest.mark.parametrize("units,block", [(16, (8, 8)), (12, (8, 8)),
+                                         (10, (4, 1))])
+def test_matches_numpy(path, kind, units, block):
+  u, x, states, mask, rbias = _case(kind, units, block)
+  rec = tfbs.BlockSparseMatrix.from_dense(u, block)
+  for go_backwards, zero_out, use_mask in [(False, False, True),
+                                           (True, True, True),
+                                           (True, False, False)]:
+    m = mask if use_mask else None
+    want_out, want_states = numpy_rnn(kind, x, states, u, rbias, m,
+                                      go_backwards, zero_out)
+    with path_scope(path):
+      out, got_states = _run(kind, x, states, rec, rbias, mask=m,
+                             go_backwards=go_backwards,
+                             zero_output_for_mask=zero_out)
+    np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=2e-6)
+    for got, want in zip(got_states, want_states):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("act", ["relu", "linear", "hard_sigmoid", "sigmoid"])
+def test_other_activations_match_numpy(act):
+  fns = {"relu": lambda v: np.maximum(v, 0), "linear": lambda v: v,
+         "hard_sigmoid": lambda v: np.clip(0.2 * v + 0.5, 0, 1),
+         "sigmoid": _sig}
+  u, x, states, mask, _ = _case("lstm", 16, (4, 4), seed=3)
+  rec = tfbs.BlockSparseMatrix.from_dense(u * 0.5, 4)
+  want, _ = numpy_rnn("lstm", x, states, u * 0.5, None, mask, False, False,
+                      act=fns[act], rec_act=fns["hard_sigmoid"])
+  out, _, _ = tfbs.ops.lstm_sequence(x, *states, rec, mask=mask,
+                                     activation=act,
+                                     recurrent_activation="hard_sigmoid")
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=2e-6)
+
+
+def test_float64_and_callable_activation():
+  u, x, states, _, _ = _case("simple", 8, (4, 4), seed=4)
+  rec = tfbs.BlockSparseMatrix.from_dense(u.astype(np.float64), 4)
+  want, _ = numpy_rnn("simple", x, states, u, None, None, False, False)
+  out, _ = tfbs.ops.simple_rnn_sequence(x.astype(np.float64),
+                                        states[0].astype(np.float64), rec)
+  np.testing.assert_allclose(out, want, rtol=1e-10)
+  # A callable runs the TF loop.
+  rec32 = tfbs.BlockSparseMatrix.from_dense(u, 4)
+  out, _ = tfbs.ops.simple_rnn_sequence(x, states[0], rec32,
+                                        activation=lambda v: tf.tanh(v))
+  np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+
+
+def _dense_loop_loss(kind, x, states, u, rbias, mask, weights):
+  """The loss through a plain dense TF implementation (independent of BSR)."""
+  xs = tf.unstack(x, axis=1)
+  h_units = u.shape[0]
+  st = list(states)
+  prev = tf.zeros_like(st[0])
+  outs = []
+  for t, xt in enumerate(xs):
+    h = st[0]
+    if kind == "lstm":
+      i, f, g, o = tf.split(xt + h @ u, 4, axis=1)
+      c = tf.sigmoid(f) * st[1] + tf.sigmoid(i) * tf.tanh(g)
+      new = [tf.sigmoid(o) * tf.tanh(c), c]
+    elif kind == "simple":
+      new = [tf.tanh(xt + h @ u)]
+    else:
+      xz, xr, xh = tf.split(xt, 3, axis=1)
+      inner = h @ u + (0 if rbias is None else rbias)
+      rz, rr, rh = tf.split(inner, 3, axis=1)
+      z, r = tf.sigmoid(xz + rz), tf.sigmoid(xr + rr)
+      hh = (tf.tanh(xh + r * rh) if kind == "gru"
+            else tf.tanh(xh + (r * h) @ u[:, 2 * h_units:]))
+      new = [z * h + (1 - z) * hh]
+    keep = mask[:, t][:, None]
+    out = tf.where(keep, new[0], prev)
+    st = [tf.where(keep, n, s) for n, s in zip(new, st)]
+    prev = out
+    outs.append(out)
+  out = tf.stack(outs, axis=1)
+  return tf.reduce_sum(out * weights[0]) + sum(
+      tf.reduce_sum(s * w) for s, w in zip(st, weights[1:]))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kind", sorted(GATES))
+def test_gradients_match_dense_autodiff(path, kind):
+  u, x, states, mask, rbias = _case(kind, 12, (4, 4), seed=5, time=4)
+  rng = np.random.default_rng(6)
+  weights = [rng.standard_normal([3, 4, 12]).astype(np.float32)] + [
+      rng.standard_normal([3, 12]).astype(np.float32) for _ in states]
+  rec = tfbs.BlockSparseMatrix.from_dense(u, 4)
+  x_t = tf.constant(x)
+  s_t = [tf.constant(s) for s in states]
+  values = tf.Variable(rec.values)
+  rb = None if rbias is None else tf.constant(rbias)
+  with path_scope(path), tf.GradientTape() as tape:
+    tape.watch([x_t, *s_t] + ([rb] if rb is not None else []))
+    out, got_states = _run(kind, x_t, s_t, rec.with_values(values), rb,
+                           mask=mask)
+    loss = tf.reduce_sum(out * weights[0]) + sum(
+        tf.reduce_sum(s * w) for s, w in zip(got_states, weights[1:]))
+  sources = [x_t, *s_t, values] + ([rb] if rb is not None else [])
+  got = tape.gradient(loss, sources)
+
+  u_t = tf.constant(u)
+  with tf.GradientTape() as tape:
+    tape.watch([x_t, *s_t, u_t] + ([rb] if rb is not None else []))
+    ref = _dense_loop_loss(kind, x_t, s_t, u_t, rb, mask, weights)
+  want = tape.gradient(ref, [x_t, *s_t, u_t] + ([rb] if rb is not None else []))
+  np.testing.assert_allclose(loss, ref, rtol=1e-5)
+  for g, w in zip(got[:len(s_t) + 1], want[:len(s_t) + 1]):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+  # The values gradient is the dense gradient restricted to the kept blocks.
+  want_values = tfbs.BlockSparseMatrix.from_mask(
+      want[len(s_t) + 1], _block_mask(u, 4), 4).values
+  np.testing.assert_allclose(got[len(s_t) + 1], want_values, rtol=1e-4,
+                             atol=1e-5)
+  if rb is not None:
+    np.testing.assert_allclose(got[-1], want[-1], rtol=1e-4, atol=1e-5)
+
+
+def _block_mask(u, b):
+  k, n = u.shape
+  return np.abs(u).reshape(k // b, b, n // b, b).sum(axis=(1, 3)) > 0
+
+
+def test_gradient_in_tf_function_matches_eager():
+  u, x, states, mask, _ = _case("lstm", 8, (4, 4), seed=7, time=3)
+  values = tf.Variable(tfbs.BlockSparseMatrix.from_dense(u, 4).values)
+  rec = tfbs.BlockSparseMatrix.from_dense(u, 4)
+
+  def grad():
+    with tf.GradientTape() as tape:
+      out, _, _ = tfbs.ops.lstm_sequence(x, *states, rec.with_values(values),
+                                         mask=mask)
+      loss = tf.reduce_sum(out ** 2)
+    return tape.gradient(loss, values)
+
+  np.testing.assert_allclose(tf.function(grad)(), grad(), rtol=1e-5, atol=1e-6)
+
+
+# --- bad input ---------------------------------------------------------------
+
+
+def test_python_checks_name_the_problem():
+  u, x, states, mask, _ = _case("lstm", 8, (4, 4))
+  rec = tfbs.BlockSparseMatrix.from_dense(u, 4)
+  err = tf.errors.InvalidArgumentError
+  with pytest.raises(err, match="x_proj has 31 features"):
+    tfbs.ops.lstm_sequence(x[..., :31], *states, rec)
+  with pytest.raises(err, match="initial state 1 must have shape"):
+    tfbs.ops.lstm_sequence(x, states[0], states[1][:, :5], rec)
+  with pytest.raises(err, match="mask must have shape"):
+    tfbs.ops.lstm_sequence(x, *states, rec, mask=mask[:, :2])
+  with pytest.raises(err, match="rank 3"):
+    tfbs.ops.lstm_sequence(x[0], *states, rec)
+  with pytest.raises(err, match="ragged"):
+    tfbs.ops.lstm_sequence(tf.RaggedTensor.from_row_lengths(
+        x.reshape(-1, 32), [6, 6, 6]), *states, rec)
+  with pytest.raises(err, match=r"\[units, 3 \* units\]"):
+    tfbs.ops.gru_sequence(x[..., :24], states[0], rec)
+  with pytest.raises(ValueError, match="unknown activation"):
+    tfbs.ops.lstm_sequence(x, *states, rec, activation="swishy")
+
+
+def test_kernel_rejects_bad_inputs():
+  """The C++ op validates what the Python wrapper cannot see statically."""
+  lib = _loader.library()
+  u, x, states, mask, _ = _case("lstm", 8, (4, 4))
+  rec = tfbs.BlockSparseMatrix.from_dense(u, 4)
+  vals, cols, rows = rec.values, rec.col_indices, rec.row_ptr
+  shape = tf.constant([8, 32], tf.int64)
+  h, c = states
+  empty = tf.zeros([0], tf.bool)
+  cases = [
+      ((x, h[:2], c, empty, vals, cols, rows, shape), "h0 has batch size 2"),
+      ((x, h, c[:, :4], empty, vals, cols, rows, shape), "c0 must have the shape"),
+      ((x, h, c, mask[:, :3], vals, cols, rows, shape), "mask must have shape"),
+      ((x, h, c, empty, vals, cols + 100, rows, shape), "out of range"),
+      ((x, h, c, empty, vals, cols, rows[:-1], shape), "row_ptr must have"),
+      ((x, h, c, empty, vals, cols, rows,
+        tf.constant([8, 36], tf.int64)), "recurrent matrix must be"),
+      ((x[..., :28], h, c, empty, vals, cols, rows, shape), "28 columns"),
+  ]
+  for args, message in cases:
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+      lib.tfbs_bsr_lstm_sequence(*args)
+  with pytest.raises(tf.errors.InvalidArgumentError, match="no fused kernel"):
+    lib.tfbs_bsr_lstm_sequence(x, h, c, empty, vals, cols, rows, shape,
+                               activation="softplus")
+  with pytest.raises(tf.errors.InvalidArgumentError, match="recurrent_bias"):
+    lib.tfbs_bsr_gru_sequence(x[..., :24], h, empty, tf.zeros([5]),
+                              *tfbs.BlockSparseMatrix.from_dense(
+                                  u[:, :24], 4).numpy_components(),
+                              tf.constant([8, 24], tf.int64))

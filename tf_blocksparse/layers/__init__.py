@@ -1,0 +1,14 @@
+"""Keras layers of tf_blocksparse."""
+
+from tf_blocksparse.layers.block_term_dense import BlockTermDense
+from tf_blocksparse.layers.block_term_rnn import BlockTermGRU
+from tf_blocksparse.layers.block_term_rnn import BlockTermGRUCell
+from tf_blocksparse.layers.block_term_rnn import BlockTermLSTM
+from tf_blocksparse.layers.block_term_rnn import BlockTermLSTMCell
+from tf_blocksparse.layers.block_sparse_dense import BlockSparseDense
+from tf_blocksparse.layers.block_sparse_rnn import BlockSparseGRU
+from tf_blocksparse.layers.block_sparse_rnn import BlockSparseGRUCell
+from tf_blocksparse.layers.block_sparse_rnn import BlockSparseLSTM
+from tf_blocksparse.layers.block_sparse_rnn import BlockSparseLSTMCell
+from tf_blocksparse.layers.block_sparse_rnn import BlockSparseSimpleRNN
+from tf_blocksparse.layers.block_sparse_rnn import BlockSparseSimpleRNNCell
