@@ -1,0 +1,359 @@
+"""`export_tflite`: TFLite models whose recurrent weights are stored sparse.
+
+The stock converter turns a Keras LSTM into `UNIDIRECTIONAL_SEQUENCE_LSTM`,
+which has no sparse weight format, so a pruned model stays dense. Here every
+gate matmul of every step is a `FULLY_CONNECTED` op with a constant weight
+(the input and the recurrent product of each recurrent layer, and each Dense
+layer), and the converter runs with `tf.lite.Optimize.EXPERIMENTAL_SPARSITY`,
+which stores the zero-block-pruned constant weights in TFLite's sparse
+format. TFLite's float sparse kernel takes 1x4 blocks of its `[out, in]`
+weight layout, i.e. `(4, 1)` blocks of Keras's `[in, out]`: such weights run
+sparse; other block shapes are stored sparse and expanded by a DENSIFY op
+when the interpreter prepares the model (`sparsity_report` says which).
+
+Two models are written: a streaming step model (one frame and the states in,
+the output and the new states out, batch 1), which is how recurrent models
+run on devices, and an unrolled fixed-length sequence model (input
+`[1, sequence_length, features]`).
+"""
+
+import os
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from tf_blocksparse.export import signatures
+from tf_blocksparse.layers.block_sparse_dense import BlockSparseDense
+from tf_blocksparse.layers.block_sparse_rnn import BlockSparseGRU
+from tf_blocksparse.layers.block_sparse_rnn import BlockSparseLSTM
+from tf_blocksparse.layers.block_sparse_rnn import BlockSparseSimpleRNN
+
+_LSTM = (tf_keras.layers.LSTM, BlockSparseLSTM)
+_GRU = (tf_keras.layers.GRU, BlockSparseGRU)
+_SIMPLE = (tf_keras.layers.SimpleRNN, BlockSparseSimpleRNN)
+_DENSE = (tf_keras.layers.Dense, BlockSparseDense)
+
+
+def _numpy(x):
+  return np.asarray(x.numpy() if hasattr(x, "numpy") else x, np.float32)
+
+
+def _rnn_weights(layer):
+  """Dense `(kernel, recurrent kernel, bias or None)` numpy arrays."""
+  cell = layer.cell
+  if hasattr(cell, "dense_kernel"):
+    kernel, recurrent = cell.dense_kernel(), cell.dense_recurrent_kernel()
+  else:
+    kernel, recurrent = cell.kernel, cell.recurrent_kernel
+  bias = None if cell.bias is None else _numpy(cell.bias)
+  return _numpy(kernel), _numpy(recurrent), bias
+
+
+def _dense_weights(layer):
+  kernel = layer.dense_kernel() if hasattr(layer, "dense_kernel") else layer.kernel
+  bias = None if layer.bias is None else _numpy(layer.bias)
+  return _numpy(kernel), bias
+
+
+class _Program:
+  """The model's layers as numpy weights and per-frame step functions."""
+
+  def __init__(self, model):
+    plan = signatures.step_plan(model)
+    self.features = int(model.inputs[0].shape[-1])
+    self.layers = []
+    for kind, layer in plan:
+      if kind == "rnn":
+        if not isinstance(layer, _LSTM + _GRU + _SIMPLE):
+          raise ValueError(f"layer {layer.name} ({type(layer).__name__}) is "
+                           "not supported by export_tflite")
+        self.layers.append(("rnn", layer, _rnn_weights(layer)))
+      elif isinstance(layer, _DENSE):
+        self.layers.append(("dense", layer, _dense_weights(layer)))
+      elif isinstance(layer, tf_keras.layers.Activation):
+        self.layers.append(("activation", layer, None))
+      else:
+        raise ValueError(f"layer {layer.name} ({type(layer).__name__}) is not "
+                         "supported by export_tflite; supported: Dense, "
+                         "SimpleRNN, GRU, LSTM (tf_keras or BlockSparse*), "
+                         "TimeDistributed(Dense), Activation, Dropout")
+    self.state_specs = []      # (name, units) in step-model order
+    for kind, layer, _ in self.layers:
+      if kind == "rnn":
+        n = len(tf.nest.flatten(layer.cell.state_size))
+        for s in ("h", "c")[:n]:
+          self.state_specs.append((f"{layer.name}_{s}", layer.cell.units))
+    self.returns_sequences = all(
+        layer.return_sequences for kind, layer, _ in self.layers
+        if kind == "rnn")
+
+  def constants(self):
+    """The weights as TF constants, created once per traced function."""
+    return [None if w is None else tuple(
+        None if a is None else tf.constant(a) for a in w)
+            for _, _, w in self.layers]
+
+  @staticmethod
+  def _fc(x, w, b=None):
+    # tf.matmul with a constant right operand converts to FULLY_CONNECTED.
+    y = tf.matmul(x, w)
+    return y if b is None else y + b
+
+  def rnn_step(self, layer, weights, x_proj, states):
+    """One step from the projected input `x @ kernel (+ input bias)`."""
+    cell = layer.cell
+    _, recurrent, bias = weights
+    act, rec_act = cell.activation, getattr(cell, "recurrent_activation", None)
+    if isinstance(layer, _LSTM):
+      h, c = states
+      z = x_proj + self._fc(h, recurrent)
+      z_i, z_f, z_c, z_o = tf.split(z, 4, axis=1)
+      c = rec_act(z_f) * c + rec_act(z_i) * act(z_c)
+      h = rec_act(z_o) * act(c)
+      return h, [h, c]
+    if isinstance(layer, _GRU):
+      (h,) = states
+      units = cell.units
+      reset_after = cell.reset_after
+      rec_bias = bias[1] if (bias is not None and reset_after) else None
+      x_z, x_r, x_h = tf.split(x_proj, 3, axis=1)
+      if reset_after:
+        inner = self._fc(h, recurrent, rec_bias)
+        r_z, r_r, r_h = tf.split(inner, 3, axis=1)
+      else:
+        inner = self._fc(h, recurrent[:, :2 * units])
+        r_z, r_r = tf.split(inner, 2, axis=1)
+      z = rec_act(x_z + r_z)
+      r = rec_act(x_r + r_r)
+      if reset_after:
+        hh = act(x_h + r * r_h)
+      else:
+        hh = act(x_h + self._fc(r * h, recurrent[:, 2 * units:]))
+      h = z * h + (1 - z) * hh
+      return h, [h]
+    (h,) = states
+    h = act(x_proj + self._fc(h, recurrent))
+    return h, [h]
+
+  def input_bias(self, layer, bias):
+    if bias is None:
+      return None
+    if isinstance(layer, _GRU) and layer.cell.reset_after:
+      return bias[0]
+    return bias
+
+  def frame_layer(self, kind, layer, weights, x):
+    if kind == "dense":
+      kernel, bias = weights
+      return layer.activation(self._fc(x, kernel, bias))
+    return layer.activation(x)
+
+  def step(self, frame, states):
+    """Frame `[1, features]` and the state list -> output, new states."""
+    x, i, new_states = frame, 0, []
+    for (kind, layer, _), consts in zip(self.layers, self.constants()):
+      if kind != "rnn":
+        x = self.frame_layer(kind, layer, consts, x)
+        continue
+      n = len(tf.nest.flatten(layer.cell.state_size))
+      kernel, _, bias = consts
+      x_proj = self._fc(x, kernel, self.input_bias(layer, bias))
+      x, updated = self.rnn_step(layer, consts, x_proj, states[i:i + n])
+      new_states += updated
+      i += n
+    return x, new_states
+
+  def sequence(self, inputs, length):
+    """Unrolled run of `inputs [1, length, features]` from zero states."""
+    x = tf.reshape(inputs, [length, self.features])   # the T frames as rows
+    for (kind, layer, _), consts in zip(self.layers, self.constants()):
+      if kind != "rnn":
+        x = self.frame_layer(kind, layer, consts, x)
+        continue
+      kernel, _, bias = consts
+      # All T input projections in one FULLY_CONNECTED (M = T).
+      x_proj = self._fc(x, kernel, self.input_bias(layer, bias))
+      n = len(tf.nest.flatten(layer.cell.state_size))
+      states = [tf.zeros([1, layer.cell.units])] * n
+      outputs = []
+      # One SPLIT for all steps rather than a slice op per step.
+      for x_t in tf.split(x_proj, length, axis=0):
+        out, states = self.rnn_step(layer, consts, x_t, states)
+        outputs.append(out)
+      x = tf.concat(outputs, axis=0) if layer.return_sequences else outputs[-1]
+    if self.returns_sequences:
+      return tf.reshape(x, [1, length, -1])
+    return x
+
+
+def _convert(concrete_function, signature, sparsity):
+  # Through a SavedModel so that the .tflite keeps a named signature
+  # (inputs and outputs by name for the signature runner).
+  with tempfile.TemporaryDirectory() as tmp:
+    tf.saved_model.save(tf.Module(), tmp,
+                        signatures={signature: concrete_function})
+    converter = tf.lite.TFLiteConverter.from_saved_model(
+        tmp, signature_keys=[signature])
+    if sparsity:
+      converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
+    return converter.convert()
+
+
+def step_function(model):
+  """The step computation as a concrete function (batch 1, named tensors)."""
+  program = _Program(model)
+  frame_name, out_name = model.input_names[0], model.output_names[0]
+  specs = {frame_name: tf.TensorSpec([1, program.features], tf.float32,
+                                     name=frame_name)}
+  specs.update({n: tf.TensorSpec([1, u], tf.float32, name=n)
+                for n, u in program.state_specs})
+
+  @tf.function(autograph=False)
+  def step(**inputs):
+    out, new_states = program.step(
+        inputs[frame_name], [inputs[n] for n, _ in program.state_specs])
+    result = {out_name: out}
+    result.update({n: s for (n, _), s in zip(program.state_specs, new_states)})
+    return result
+
+  return step.get_concrete_function(**specs)
+
+
+def sequence_function(model, sequence_length):
+  """The unrolled sequence computation as a concrete function (batch 1)."""
+  program = _Program(model)
+  in_name, out_name = model.input_names[0], model.output_names[0]
+
+  @tf.function(autograph=False)
+  def run(**inputs):
+    return {out_name: program.sequence(inputs[in_name], sequence_length)}
+
+  return run.get_concrete_function(**{in_name: tf.TensorSpec(
+      [1, sequence_length, program.features], tf.float32, name=in_name)})
+
+
+def export_tflite(model, path, sequence_length=50, overwrite=False,
+                  sparsity=True):
+  """Writes the streaming step model and an unrolled sequence model.
+
+  Args:
+    model: a `Sequential`-like tf_keras model of Dense / SimpleRNN / GRU /
+      LSTM layers, dense, pruned (stripped) or `tf_blocksparse` layers, with a
+      `[batch, time, features]` input. See `signatures.step_plan`.
+    path: output prefix; writes `<path>_step.tflite` and
+      `<path>_sequence.tflite` (a trailing `.tflite` is dropped first).
+    sequence_length: time steps of the unrolled sequence model.
+    overwrite: replace existing files; otherwise an existing file is an error.
+    sparsity: convert with `EXPERIMENTAL_SPARSITY` (False: dense storage,
+      for comparisons).
+
+  Returns:
+    `{"step": step file, "sequence": sequence file, "report": sparsity
+    report of the step model (see `sparsity_report`)}`. Each file has one
+    signature (`"step"`, `"sequence"`) for LiteRT's signature runner. The
+    step model takes the frame `[1, features]` under the model's input name
+    and the states `[1, units]` under `state_names(model)` (zeros at the
+    start of a sequence); it returns the output under the model's output
+    name and the new states under the same state names. The sequence model
+    maps `[1, sequence_length, features]` to the model's output.
+
+  Example:
+
+  >>> import os, tempfile, tf_keras, tf_blocksparse as tfbs
+  >>> model = tf_keras.Sequential([tf_keras.Input((None, 8)),
+  ...                              tf_keras.layers.LSTM(16),
+  ...                              tf_keras.layers.Dense(4)])
+  >>> files = tfbs.export.export_tflite(
+  ...     model, os.path.join(tempfile.mkdtemp(), "m"), sequence_length=5)
+  >>> sorted(files)
+  ['report', 'sequence', 'step']
+  """
+  signatures.check_model(model)
+  signatures.step_specs(model)   # names are unique (else a ValueError)
+  if isinstance(sequence_length, bool) or not isinstance(
+      sequence_length, (int, np.integer)) or sequence_length <= 0:
+    raise ValueError(f"sequence_length must be a positive int, got "
+                     f"{sequence_length!r}")
+  if model.inputs[0].dtype != tf.float32:
+    raise ValueError("export_tflite supports float32 models, got inputs of "
+                     f"{model.inputs[0].dtype.name}")
+  prefix = os.fspath(path)
+  if prefix.endswith(".tflite"):
+    prefix = prefix[:-len(".tflite")]
+  files = {"step": prefix + "_step.tflite",
+           "sequence": prefix + "_sequence.tflite"}
+  for f in files.values():
+    if os.path.exists(f) and not overwrite:
+      raise FileExistsError(f"{f} already exists; pass overwrite=True to "
+                            "replace it or choose another path")
+  contents = {
+      "step": _convert(step_function(model), "step", sparsity),
+      "sequence": _convert(sequence_function(model, int(sequence_length)),
+                           "sequence", sparsity)}
+  os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+  for key, content in contents.items():
+    with open(files[key], "wb") as f:
+      f.write(content)
+  result = dict(files)
+  result["report"] = sparsity_report(contents["step"])
+  return result
+
+
+def state_names(model):
+  """Names of the step model's state inputs/outputs, in order."""
+  return [n for n, _ in _Program(model).state_specs]
+
+
+def sparsity_report(tflite_model):
+  """Which tensors of a `.tflite` model are stored sparse, which ops run sparse.
+
+  Args:
+    tflite_model: the flatbuffer bytes or a file path.
+
+  Returns:
+    A dict: `sparse_tensors` (name, shape, block map of each tensor stored in
+    TFLite's sparse format), `sparse_fully_connected` (FULLY_CONNECTED ops
+    reading a sparse weight directly, i.e. run by the sparse kernel),
+    `densified` (tensors expanded by a DENSIFY op at prepare time),
+    `dense_fully_connected` (FULLY_CONNECTED ops on dense weights), and the
+    `ops` histogram.
+  """
+  from tensorflow.lite.python import schema_py_generated as schema  # pylint: disable=import-outside-toplevel
+  if isinstance(tflite_model, (str, os.PathLike)):
+    with open(tflite_model, "rb") as f:
+      tflite_model = f.read()
+  model = schema.Model.GetRootAsModel(bytearray(tflite_model), 0)
+  names = {v: k for k, v in vars(schema.BuiltinOperator).items()
+           if not k.startswith("_")}
+  report = {"sparse_tensors": [], "sparse_fully_connected": [],
+            "dense_fully_connected": [], "densified": [], "ops": {}}
+  for g in range(model.SubgraphsLength()):
+    graph = model.Subgraphs(g)
+    tensor_name = lambda i: graph.Tensors(i).Name().decode()  # pylint: disable=cell-var-from-loop
+    sparse = set()
+    for i in range(graph.TensorsLength()):
+      tensor = graph.Tensors(i)
+      sp = tensor.Sparsity()
+      if sp is not None:
+        sparse.add(i)
+        report["sparse_tensors"].append({
+            "name": tensor_name(i),
+            "shape": [int(d) for d in tensor.ShapeAsNumpy()],
+            "block_map": [int(b) for b in sp.BlockMapAsNumpy()]
+                         if sp.BlockMapLength() else []})
+    for o in range(graph.OperatorsLength()):
+      op = graph.Operators(o)
+      code = model.OperatorCodes(op.OpcodeIndex())
+      builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+      name = names.get(builtin, str(builtin))
+      report["ops"][name] = report["ops"].get(name, 0) + 1
+      inputs = [int(i) for i in op.InputsAsNumpy()] if op.InputsLength() else []
+      if name == "DENSIFY":
+        report["densified"].append(tensor_name(inputs[0]))
+      elif name == "FULLY_CONNECTED" and len(inputs) > 1:
+        target = ("sparse_fully_connected" if inputs[1] in sparse
+                  else "dense_fully_connected")
+        report[target].append(tensor_name(inputs[1]))
+  return report
