@@ -2,6 +2,8 @@
 #ifndef TF_BLOCKSPARSE_OPS_BSR_MATMUL_KERNELS_H_
 #define TF_BLOCKSPARSE_OPS_BSR_MATMUL_KERNELS_H_
 
+#include <vector>
+
 #include "bsr_structure.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
@@ -58,6 +60,35 @@ inline ::tensorflow::Status ValidateDense(const ::tensorflow::Tensor& t,
                            " = ", cols);
   }
   return ::tensorflow::Status();
+}
+
+// Validates the inputs of TfbsBsrMatmulValuesGrad: x [m, K], dy [m, N],
+// then the BSR inputs; sets geo->m.
+inline ::tensorflow::Status ValidateValuesGradInputs(
+    ::tensorflow::OpKernelContext* ctx, BsrGeometry* geo) {
+  TF_RETURN_IF_ERROR(ValidateBsrInputs(ctx, 2, geo));
+  const ::tensorflow::Tensor& x = ctx->input(0);
+  const ::tensorflow::Tensor& dy = ctx->input(1);
+  TF_RETURN_IF_ERROR(ValidateDense(x, "x", geo->k, "K"));
+  TF_RETURN_IF_ERROR(ValidateDense(dy, "dy", geo->n, "N"));
+  if (x.dim_size(0) != dy.dim_size(0)) {
+    return ::tensorflow::errors::InvalidArgument(
+        "x and dy must have the same number of rows, got ", x.dim_size(0),
+        " and ", dy.dim_size(0));
+  }
+  geo->m = x.dim_size(0);
+  return ::tensorflow::Status();
+}
+
+// Block row of every stored block (from validated row pointers), so that
+// blocks can be processed independently.
+inline std::vector<int32_t> BlockRows(const ::tensorflow::Tensor& row_ptr,
+                                      const BsrGeometry& geo) {
+  const int32_t* ptr = row_ptr.flat<int32_t>().data();
+  std::vector<int32_t> rows(geo.nnzb);
+  for (int64_t i = 0; i < geo.nbr; ++i)
+    for (int32_t p = ptr[i]; p < ptr[i + 1]; ++p) rows[p] = static_cast<int32_t>(i);
+  return rows;
 }
 
 }  // namespace tfbs

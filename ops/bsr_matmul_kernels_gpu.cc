@@ -159,22 +159,13 @@ class BsrMatmulValuesGradGpuOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     BsrGeometry geo;
-    OP_REQUIRES_OK(ctx, ValidateBsrInputs(ctx, 2, &geo));
+    OP_REQUIRES_OK(ctx, ValidateValuesGradInputs(ctx, &geo));
     const Tensor& x = ctx->input(0);
     const Tensor& dy = ctx->input(1);
-    OP_REQUIRES_OK(ctx, ValidateDense(x, "x", geo.k, "K"));
-    OP_REQUIRES_OK(ctx, ValidateDense(dy, "dy", geo.n, "N"));
-    OP_REQUIRES(ctx, x.dim_size(0) == dy.dim_size(0),
-                ::tensorflow::errors::InvalidArgument(
-                    "x and dy must have the same number of rows, got ",
-                    x.dim_size(0), " and ", dy.dim_size(0)));
     Tensor* dvalues = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(2).shape(), &dvalues));
     if (dvalues->NumElements() == 0) return;
-    const int32_t* row_ptr = ctx->input(4).flat<int32_t>().data();
-    std::vector<int32_t> block_row(geo.nnzb);
-    for (int64_t i = 0; i < geo.nbr; ++i)
-      for (int32_t p = row_ptr[i]; p < row_ptr[i + 1]; ++p) block_row[p] = i;
+    const std::vector<int32_t> block_row = BlockRows(ctx->input(4), geo);
     const std::vector<int32_t> cols = HostVector(ctx->input(3));
     Tensor buffer;
     std::vector<const int32_t*> dev;
