@@ -81,10 +81,8 @@ class BsrMatmulOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     BsrGeometry geo;
-    OP_REQUIRES_OK(ctx, ValidateBsrInputs(ctx, 1, &geo));
+    OP_REQUIRES_OK(ctx, ValidateProductInputs(ctx, /*transposed=*/false, &geo));
     const Tensor& x = ctx->input(0);
-    OP_REQUIRES_OK(ctx, ValidateDense(x, "x", geo.k, "K"));
-    geo.m = x.dim_size(0);
     Tensor* y = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({geo.m, geo.n}), &y));
     if (y->NumElements() == 0) return;
@@ -117,10 +115,8 @@ class BsrMatmulTransposedOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     BsrGeometry geo;
-    OP_REQUIRES_OK(ctx, ValidateBsrInputs(ctx, 1, &geo));
+    OP_REQUIRES_OK(ctx, ValidateProductInputs(ctx, /*transposed=*/true, &geo));
     const Tensor& dy = ctx->input(0);
-    OP_REQUIRES_OK(ctx, ValidateDense(dy, "dy", geo.n, "N"));
-    geo.m = dy.dim_size(0);
     Tensor* dx = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({geo.m, geo.k}), &dx));
     if (dx->NumElements() == 0) return;

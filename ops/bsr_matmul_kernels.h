@@ -62,6 +62,19 @@ inline ::tensorflow::Status ValidateDense(const ::tensorflow::Tensor& t,
   return ::tensorflow::Status();
 }
 
+// Validates the inputs of a product op: the dense operand (input 0; [m, K]
+// for x @ W, [m, N] for dy @ W^T when `transposed`) and the BSR inputs
+// 1..4; sets geo->m.
+inline ::tensorflow::Status ValidateProductInputs(
+    ::tensorflow::OpKernelContext* ctx, bool transposed, BsrGeometry* geo) {
+  TF_RETURN_IF_ERROR(ValidateBsrInputs(ctx, 1, geo));
+  const ::tensorflow::Tensor& in = ctx->input(0);
+  TF_RETURN_IF_ERROR(transposed ? ValidateDense(in, "dy", geo->n, "N")
+                                : ValidateDense(in, "x", geo->k, "K"));
+  geo->m = in.dim_size(0);
+  return ::tensorflow::Status();
+}
+
 // Validates the inputs of TfbsBsrMatmulValuesGrad: x [m, K], dy [m, N],
 // then the BSR inputs; sets geo->m.
 inline ::tensorflow::Status ValidateValuesGradInputs(

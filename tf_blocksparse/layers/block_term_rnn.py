@@ -151,10 +151,10 @@ class _BlockTermRNNCell(tf_keras.layers.Layer):
     self.recurrent_mask = mask
 
   def _state_size(self):
-    raise NotImplementedError
+    raise NotImplementedError("defined by BlockTermLSTMCell / BlockTermGRUCell")
 
   def _bias_shape(self):
-    raise NotImplementedError
+    raise NotImplementedError("defined by BlockTermLSTMCell / BlockTermGRUCell")
 
   def _bias_init(self):
     return _block_term_weights.fresh_initializer(self.bias_initializer)
@@ -238,7 +238,7 @@ class _BlockTermRNNCell(tf_keras.layers.Layer):
     return self._step(gates, states)
 
   def _step(self, gates, states):
-    raise NotImplementedError
+    raise NotImplementedError("defined by BlockTermLSTMCell / BlockTermGRUCell")
 
   def dense_kernel(self):
     """The dense `[I, gates * H]` input kernel (tf_keras gate order)."""
