@@ -112,3 +112,60 @@ def test_plotting_usage_over_many_steps():
   eps = np.array([float(s.threshold(t, 2.0)) for t in range(0, 60)])
   assert np.all(np.diff(eps) >= 0)   # never decreases
   assert eps[50] == pytest.approx(2.1, rel=1e-6)
+
+
+def test_target_sparsity_sets_q_from_block_representatives_unscaled():
+  s = _schedule(target_sparsity=0.8)
+  reps = np.arange(1.0, 11.0, dtype=np.float32)    # 1..10
+  mags = np.linspace(0.0, 1.0, 50, dtype=np.float32)
+  # np.percentile(1..10, 80) = 1 + 0.8·9 = 8.2; |w| is not used.
+  assert float(s.initial_q(mags, reps)) == pytest.approx(8.2, rel=1e-6)
+  # Without a target q is the 90th percentile of |w| (the paper's).
+  assert float(_schedule().initial_q(mags, reps)) == pytest.approx(
+      np.percentile(mags, 90), rel=1e-6)
+  # No (bh·bw)^(1/4) factor: the representatives already carry the block.
+  assert float(s.threshold(40, 2.0, (4, 4))) == pytest.approx(1.5, rel=1e-6)
+  again = tfbs.schedules.GradualThreshold.from_config(s.get_config())
+  assert again == s and again.target_sparsity == 0.8
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(target_sparsity=1.0), "target_sparsity"),
+    (dict(target_sparsity=0.0), "target_sparsity"),
+    (dict(target_sparsity="0.9"), "target_sparsity"),
+    (dict(target_sparsity=0.9, q=1.0), "not both"),
+    (dict(target_sparsity=0.9, start_slope=0.1), "not both"),
+])
+def test_bad_target_sparsity(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    _schedule(**kwargs)
+
+
+def test_target_sparsity_prunes_the_blocks_numpy_predicts():
+  # Frozen weights (lr 0): the final mask is the blocks whose max |w| is at
+  # least ε(end) = q·(2·(ramp−start+1) + 3·(end−ramp+1)) /
+  # (2·(ramp−start) + 3·(end−ramp)), q the 0.7 quantile of the block maxima.
+  from tests.pruning import helpers, np_blocks
+  tf_keras.utils.set_random_seed(3)
+  layer = tf_keras.layers.Dense(48, use_bias=False)
+  model = tf_keras.Sequential([tf_keras.Input((32,)), layer])
+  # Blocks of very different scales, so the block maxima spread out.
+  rng = np.random.RandomState(0)
+  w = (rng.randn(32, 48) * np.kron(rng.uniform(0.05, 1.0, (8, 12)),
+                                   np.ones((4, 4)))).astype(np.float32)
+  layer.kernel.assign(w)
+  schedule = tfbs.schedules.GradualThreshold(
+      start_step=0, ramp_step=4, end_step=10, frequency=2,
+      target_sparsity=0.7)
+  pruned = tfbs.prune_block_low_magnitude(model, block_size=(4, 4),
+                                          pruning_schedule=schedule)
+  pruned.compile(helpers.sgd(0.0), "mse")
+  helpers.fit_steps(pruned, 12)
+  reps = np_blocks.representatives(w, (4, 4), "max")
+  q = np.percentile(reps, 70)
+  eps_end = q * (2 * 5 + 3 * 7) / (2 * 4 + 3 * 6)
+  kept = reps >= eps_end
+  got = tfbs.strip_block_pruning(pruned).layers[0].kernel.numpy()
+  np.testing.assert_array_equal(got, w * np_blocks.expand(kept, w.shape,
+                                                          (4, 4)))
+  assert 0.7 < 1 - kept.mean() < 0.9   # ε(end) is ~1.19 q

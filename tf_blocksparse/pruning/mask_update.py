@@ -57,9 +57,13 @@ class BlockPruning:
       schedule = self._schedule.schedule
       if schedule.q is not None:
         q = tf.constant(schedule.q, mw.q.dtype)
+      elif schedule.target_sparsity is not None:
+        # Re-measured at every update, so the threshold follows the kept
+        # weights as they grow; pruned blocks count as zeros.
+        q = schedule.initial_q(tf.abs(matrix), reps)
       else:
         # q is fixed once, from the weight as pruning starts, and saved.
-        q = tf.where(mw.q < 0, block_masks.percentile(tf.abs(matrix), 90.0),
+        q = tf.where(mw.q < 0, schedule.initial_q(tf.abs(matrix), reps),
                      mw.q)
       updates.append(mw.q.assign(q))
       threshold = schedule.threshold(step, q, self._block_size)
