@@ -238,20 +238,15 @@ def zero_small_blocks(model, block_size, gates, tol=GL_ZERO_TOL):
 
 # ----------------------------------------------------------------- measures
 
-def block_sparsity(model, block_size, gates):
+def block_sparsity(model, block_size):
   """Fraction of all-zero blocks over the RNN's input and recurrent kernels
-  (per gate slice, partial edge blocks included); element sparsity for a
-  dense variant (block_size None)."""
-  rnn = model.get_layer("rnn")
-  zero, total = 0, 0
-  for weight in (rnn.cell.kernel, rnn.cell.recurrent_kernel):
-    nonzero = tf.cast(tf.not_equal(weight, 0), tf.float32)
-    kept = (nonzero if block_size is None else tf.cast(
-        block_masks.from_element_mask(nonzero, block_size, gates),
-        tf.float32))
-    zero += int(tf.size(kept)) - int(tf.math.count_nonzero(kept))
-    total += int(tf.size(kept))
-  return zero / total
+  (per gate slice, partial edge blocks included, as `tfbs.sparsity_report`
+  counts them); element sparsity for a dense variant (block_size None)."""
+  report = tfbs.sparsity_report(model.get_layer("rnn"),
+                                block_size=block_size or (1, 1),
+                                print_fn=None)
+  nonzero = sum(row["nonzero_blocks"] for row in report)
+  return 1.0 - nonzero / sum(row["total_blocks"] for row in report)
 
 
 def nonzero_params(model):
@@ -444,8 +439,7 @@ def run(args):
       model, sparsity = train_variant(variant, args, data, v)
       train_s = time.time() - t0
       bpc = bits_per_char(model, *sets[2], v)
-      sparsity_reached = block_sparsity(model, variant.block_size,
-                                        GATES[args.cell])
+      sparsity_reached = block_sparsity(model, variant.block_size)
       # Weights under SPARSE_FROM stay dense, in the tf_keras layers.
       fast = (tfbs.to_block_sparse(model, min_sparsity=SPARSE_FROM,
                                    block_size=variant.block_size)

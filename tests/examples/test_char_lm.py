@@ -126,7 +126,7 @@ def test_zero_small_blocks_and_block_sparsity_against_numpy():
     z, t = _np_block_sparsity(new, (4, 4), 4)
     zero, total = zero + z, total + t
   assert zero > 0
-  assert lm.block_sparsity(model, (4, 4), 4) == pytest.approx(zero / total)
+  assert lm.block_sparsity(model, (4, 4)) == pytest.approx(zero / total)
 
 
 def test_tiny_run_end_to_end(tmp_path):

@@ -119,9 +119,9 @@ def test_target_sparsity_sets_q_from_block_representatives_unscaled():
   reps = np.arange(1.0, 11.0, dtype=np.float32)    # 1..10
   mags = np.linspace(0.0, 1.0, 50, dtype=np.float32)
   # np.percentile(1..10, 80) = 1 + 0.8·9 = 8.2; |w| is not used.
-  assert float(s.initial_q(mags, reps)) == pytest.approx(8.2, rel=1e-6)
+  assert float(s.measure_q(mags, reps)) == pytest.approx(8.2, rel=1e-6)
   # Without a target q is the 90th percentile of |w| (the paper's).
-  assert float(_schedule().initial_q(mags, reps)) == pytest.approx(
+  assert float(_schedule().measure_q(mags, reps)) == pytest.approx(
       np.percentile(mags, 90), rel=1e-6)
   # No (bh·bw)^(1/4) factor: the representatives already carry the block.
   assert float(s.threshold(40, 2.0, (4, 4))) == pytest.approx(1.5, rel=1e-6)

@@ -32,7 +32,9 @@ _LETTERS = [c for c in string.ascii_letters if c not in _RESERVED]
 MAX_MODES = len(_LETTERS) // 3
 
 
-def _positive_int(value, what):
+def positive_int(value, what):
+  """`value` as an int if it is a positive int, else a TypeError/ValueError
+  naming `what`."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
     raise TypeError(f"{what} must be a positive int, got {value!r}")
   if value <= 0:
@@ -49,7 +51,7 @@ def _modes(modes, what):
     raise TypeError(f"{what} must be a sequence of positive ints, got {modes!r}")
   if not modes:
     raise ValueError(f"{what} must hold at least one mode, got ()")
-  return tuple(_positive_int(m, f"{what}[{k}]") for k, m in enumerate(modes))
+  return tuple(positive_int(m, f"{what}[{k}]") for k, m in enumerate(modes))
 
 
 def check_shapes(input_modes, output_modes, rank, num_blocks=1):
@@ -84,14 +86,14 @@ def check_shapes(input_modes, output_modes, rank, num_blocks=1):
   if d > MAX_MODES:
     raise ValueError(f"at most {MAX_MODES} modes are supported, got {d}")
   if isinstance(rank, (int, np.integer)) and not isinstance(rank, bool):
-    ranks = (_positive_int(rank, "rank"),) * d
+    ranks = (positive_int(rank, "rank"),) * d
   else:
     ranks = _modes(rank, "rank")
     if len(ranks) != d:
       raise ValueError(
           f"rank {ranks} has {len(ranks)} entries but there are {d} modes; "
           "give one rank per mode or a single int")
-  num_blocks = _positive_int(num_blocks, "num_blocks")
+  num_blocks = positive_int(num_blocks, "num_blocks")
   return input_modes, output_modes, ranks, num_blocks
 
 
@@ -148,8 +150,8 @@ def factorize_shape(n, d):
   >>> factorize_shape(7, 2)
   (7, 1)
   """
-  n = _positive_int(n, "n")
-  d = _positive_int(d, "d")
+  n = positive_int(n, "n")
+  d = positive_int(d, "d")
   return _smallest_factorization(n, d, n)
 
 

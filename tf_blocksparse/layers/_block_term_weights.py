@@ -51,3 +51,30 @@ def add_block_term_weights(layer, input_modes, output_modes, ranks, num_blocks,
 
 def serialize_optional(serialize, value):
   return None if value is None else serialize(value)
+
+
+def set_factor_core_args(layer, factor_initializer, core_initializer,
+                         factor_regularizer, core_regularizer):
+  """Stores the factor/core initialisers and regularisers on `layer`, as
+  `BlockTermDense` and the block-term cells take them (a `None` initialiser
+  keeps the Glorot-matched default of `add_block_term_weights`)."""
+  layer.factor_initializer = (None if factor_initializer is None else
+                              tf_keras.initializers.get(factor_initializer))
+  layer.core_initializer = (None if core_initializer is None else
+                            tf_keras.initializers.get(core_initializer))
+  layer.factor_regularizer = tf_keras.regularizers.get(factor_regularizer)
+  layer.core_regularizer = tf_keras.regularizers.get(core_regularizer)
+
+
+def factor_core_config(layer):
+  """The config entries of what `set_factor_core_args` stored."""
+  return {
+      "factor_initializer": serialize_optional(
+          tf_keras.initializers.serialize, layer.factor_initializer),
+      "core_initializer": serialize_optional(
+          tf_keras.initializers.serialize, layer.core_initializer),
+      "factor_regularizer": serialize_optional(
+          tf_keras.regularizers.serialize, layer.factor_regularizer),
+      "core_regularizer": serialize_optional(
+          tf_keras.regularizers.serialize, layer.core_regularizer),
+  }

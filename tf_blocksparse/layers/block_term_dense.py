@@ -65,13 +65,10 @@ class BlockTermDense(tf_keras.layers.Layer):
     self.units = math.prod(self.output_modes)
     self.activation = tf_keras.activations.get(activation)
     self.use_bias = bool(use_bias)
-    self.factor_initializer = (None if factor_initializer is None else
-                               tf_keras.initializers.get(factor_initializer))
-    self.core_initializer = (None if core_initializer is None else
-                             tf_keras.initializers.get(core_initializer))
+    _block_term_weights.set_factor_core_args(
+        self, factor_initializer, core_initializer, factor_regularizer,
+        core_regularizer)
     self.bias_initializer = tf_keras.initializers.get(bias_initializer)
-    self.factor_regularizer = tf_keras.regularizers.get(factor_regularizer)
-    self.core_regularizer = tf_keras.regularizers.get(core_regularizer)
     self.bias_regularizer = tf_keras.regularizers.get(bias_regularizer)
     # The feature size is checked in build, with an error naming the modes.
     self.input_spec = tf_keras.layers.InputSpec(min_ndim=2)
@@ -135,18 +132,11 @@ class BlockTermDense(tf_keras.layers.Layer):
         "num_blocks": self.num_blocks,
         "activation": tf_keras.activations.serialize(self.activation),
         "use_bias": self.use_bias,
-        "factor_initializer": opt(tf_keras.initializers.serialize,
-                                  self.factor_initializer),
-        "core_initializer": opt(tf_keras.initializers.serialize,
-                                self.core_initializer),
         "bias_initializer": tf_keras.initializers.serialize(self.bias_initializer),
-        "factor_regularizer": opt(tf_keras.regularizers.serialize,
-                                  self.factor_regularizer),
-        "core_regularizer": opt(tf_keras.regularizers.serialize,
-                                self.core_regularizer),
         "bias_regularizer": opt(tf_keras.regularizers.serialize,
                                 self.bias_regularizer),
         "activity_regularizer": opt(tf_keras.regularizers.serialize,
                                     self.activity_regularizer),
     })
+    config.update(_block_term_weights.factor_core_config(self))
     return config

@@ -35,14 +35,6 @@ from tf_blocksparse import ops
 _LAYER_ONLY_KEYS = ("name", "trainable", "dtype")
 
 
-def _positive_int(value, what):
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise TypeError(f"{what} must be a positive int, got {value!r}")
-  if value <= 0:
-    raise ValueError(f"{what} must be positive, got {value}")
-  return int(value)
-
-
 def _block_size_pair(block_size):
   if isinstance(block_size, (int, np.integer)) and not isinstance(block_size, bool):
     block_size = (block_size, block_size)
@@ -51,8 +43,8 @@ def _block_size_pair(block_size):
   except (TypeError, ValueError):
     raise TypeError("recurrent_block_size must be an int or a pair of ints, "
                     f"got {block_size!r}")
-  return (_positive_int(bh, "recurrent_block_size[0]"),
-          _positive_int(bw, "recurrent_block_size[1]"))
+  return (decomposition.positive_int(bh, "recurrent_block_size[0]"),
+          decomposition.positive_int(bw, "recurrent_block_size[1]"))
 
 
 def random_block_mask(grid, density, seed):
@@ -85,7 +77,7 @@ class _BlockTermRNNCell(tf_keras.layers.Layer):
                recurrent_block_size=None, recurrent_density=1.0,
                recurrent_mask=None, recurrent_mask_seed=0, **kwargs):
     super().__init__(**kwargs)
-    self.units = _positive_int(units, "units")
+    self.units = decomposition.positive_int(units, "units")
     gate_width = self._GATES * self.units
     if output_modes is None:
       d = len(decomposition.check_shapes(input_modes, input_modes, 1)[0])
@@ -103,14 +95,11 @@ class _BlockTermRNNCell(tf_keras.layers.Layer):
     self.activation = tf_keras.activations.get(activation)
     self.recurrent_activation = tf_keras.activations.get(recurrent_activation)
     self.use_bias = bool(use_bias)
-    self.factor_initializer = (None if factor_initializer is None else
-                               tf_keras.initializers.get(factor_initializer))
-    self.core_initializer = (None if core_initializer is None else
-                             tf_keras.initializers.get(core_initializer))
+    _block_term_weights.set_factor_core_args(
+        self, factor_initializer, core_initializer, factor_regularizer,
+        core_regularizer)
     self.recurrent_initializer = tf_keras.initializers.get(recurrent_initializer)
     self.bias_initializer = tf_keras.initializers.get(bias_initializer)
-    self.factor_regularizer = tf_keras.regularizers.get(factor_regularizer)
-    self.core_regularizer = tf_keras.regularizers.get(core_regularizer)
     self.recurrent_regularizer = tf_keras.regularizers.get(recurrent_regularizer)
     self.bias_regularizer = tf_keras.regularizers.get(bias_regularizer)
     self._init_recurrent_layout(recurrent_block_size, recurrent_density,
@@ -275,17 +264,9 @@ class _BlockTermRNNCell(tf_keras.layers.Layer):
         "recurrent_activation": tf_keras.activations.serialize(
             self.recurrent_activation),
         "use_bias": self.use_bias,
-        "factor_initializer": opt(tf_keras.initializers.serialize,
-                                  self.factor_initializer),
-        "core_initializer": opt(tf_keras.initializers.serialize,
-                                self.core_initializer),
         "recurrent_initializer": tf_keras.initializers.serialize(
             self.recurrent_initializer),
         "bias_initializer": tf_keras.initializers.serialize(self.bias_initializer),
-        "factor_regularizer": opt(tf_keras.regularizers.serialize,
-                                  self.factor_regularizer),
-        "core_regularizer": opt(tf_keras.regularizers.serialize,
-                                self.core_regularizer),
         "recurrent_regularizer": opt(tf_keras.regularizers.serialize,
                                      self.recurrent_regularizer),
         "bias_regularizer": opt(tf_keras.regularizers.serialize,
@@ -299,6 +280,7 @@ class _BlockTermRNNCell(tf_keras.layers.Layer):
                            else self.recurrent_mask.tolist()),
         "recurrent_mask_seed": self.recurrent_mask_seed,
     })
+    config.update(_block_term_weights.factor_core_config(self))
     return config
 
 

@@ -60,11 +60,13 @@ class BlockPruning:
       elif schedule.target_sparsity is not None:
         # Re-measured at every update, so the threshold follows the kept
         # weights as they grow; pruned blocks count as zeros.
-        q = schedule.initial_q(tf.abs(matrix), reps)
+        q = schedule.measure_q(tf.abs(matrix), reps)
       else:
-        # q is fixed once, from the weight as pruning starts, and saved.
-        q = tf.where(mw.q < 0, schedule.initial_q(tf.abs(matrix), reps),
-                     mw.q)
+        # q is fixed once, from the weight as pruning starts, and saved; the
+        # percentile's sort runs only that once.
+        q = tf.cond(mw.q < 0,
+                    lambda: schedule.measure_q(tf.abs(matrix), reps),
+                    lambda: tf.convert_to_tensor(mw.q))
       updates.append(mw.q.assign(q))
       threshold = schedule.threshold(step, q, self._block_size)
       kept = block_masks.keep_above_threshold(reps, threshold, kept_before)

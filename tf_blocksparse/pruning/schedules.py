@@ -115,7 +115,7 @@ class GradualThreshold:
       target_sparsity = float(target_sparsity)
     self.target_sparsity = target_sparsity
 
-  def initial_q(self, magnitudes, representatives):
+  def measure_q(self, magnitudes, representatives):
     """q of one weight when `q` was not given: fixed when pruning starts,
     or re-measured at each update with `target_sparsity`.
 
