@@ -13,9 +13,11 @@ Two libraries are built into `tf_blocksparse/ops/`:
   in /usr/local/cuda/bin), linked against the static CUDA runtime so that
   the library still loads on a machine without CUDA. Set
   `TF_BLOCKSPARSE_CUDA=0` to skip it.
-The arithmetic kernels are compiled with `-march=native` (they are built on
-the machine that runs them); set `TF_BLOCKSPARSE_MARCH` (e.g. `x86-64-v3`)
-to build for another machine.
+The arithmetic kernels are compiled once per instruction set (baseline
+x86-64-v2, AVX2+FMA, AVX-512; `ops/cpu_isa.h`) into the same library, and
+the widest one the CPU supports is chosen at run time, so one build runs on
+any x86-64 machine (no `-march=native`). Elsewhere only the baseline is
+built. `TF_BLOCKSPARSE_ISA` forces a path at run time.
 """
 
 import concurrent.futures
@@ -35,8 +37,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Sources of each library, by file-name convention (the Bazel BUILD file
 # uses the same patterns, so both builds always compile the same files):
-#   ops/*_cpu_kernels.cc  arithmetic, no TensorFlow header: the only files
-#                         compiled with -march=native;
+#   ops/*_cpu_kernels.cc  arithmetic, no TensorFlow header, compiled once per
+#                         ISA (-DTFBS_CPU_ISA=N; the file switches the ISA on
+#                         after its system headers, see ops/cpu_isa.h);
+#   ops/cpu_*.cc          the run-time ISA choice, no TensorFlow header,
+#                         baseline flags;
 #   ops/*_ops.cc, ops/*_kernels.cc  op registrations and CPU OpKernels;
 #   ops/*.cu, ops/*_gpu.cc          CUDA kernels and their GPU OpKernels.
 def _sources(pattern, exclude=()):
@@ -45,6 +50,7 @@ def _sources(pattern, exclude=()):
 
 
 CPU_ARITHMETIC_SOURCES = _sources("ops/*_cpu_kernels.cc")
+CPU_DISPATCH_SOURCES = _sources("ops/cpu_*.cc")
 CPU_TF_SOURCES = (_sources("ops/*_ops.cc") +
                   _sources("ops/*_kernels.cc", exclude=["ops/*_cpu_kernels.cc"]))
 GPU_CUDA_SOURCES = _sources("ops/*.cu")
@@ -54,6 +60,22 @@ CUDA_ARCH_FLAGS = [
     "-gencode=arch=compute_90,code=sm_90",
     "-gencode=arch=compute_90,code=compute_90",
 ]
+
+
+def _is_x86_64():
+  import platform  # pylint: disable=import-outside-toplevel
+  return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def cpu_isas():
+  """(value of TFBS_CPU_ISA, name) of every ISA this build compiles."""
+  return [(0, "baseline"), (1, "avx2"), (2, "avx512")] if _is_x86_64() else [(0, "baseline")]
+
+
+def baseline_flags():
+  # The oldest CPU the library runs on; the wider ISAs are enabled per
+  # function by the sources themselves.
+  return ["-march=x86-64-v2", "-mtune=generic"] if _is_x86_64() else []
 
 
 def _tf_flags():
@@ -118,11 +140,16 @@ class BuildTfOps(build_ext):
 
   def _build_cpu(self, out, tmp):
     tf_cflags, tf_lflags = _tf_flags()
-    march = os.environ.get("TF_BLOCKSPARSE_MARCH", "native")
     objs, jobs = [], []
     for src in CPU_ARITHMETIC_SOURCES:
+      for isa, name in cpu_isas():
+        obj = os.path.join(tmp, f"{os.path.basename(src)}.{name}.o")
+        jobs.append(["g++", "-std=c++17", "-O3", *baseline_flags(), "-fPIC",
+                     f"-DTFBS_CPU_ISA={isa}", "-c", src, "-o", obj])
+        objs.append(obj)
+    for src in CPU_DISPATCH_SOURCES:
       obj = os.path.join(tmp, os.path.basename(src) + ".o")
-      jobs.append(["g++", "-std=c++17", "-O3", f"-march={march}", "-fPIC",
+      jobs.append(["g++", "-std=c++17", "-O2", *baseline_flags(), "-fPIC",
                    "-c", src, "-o", obj])
       objs.append(obj)
     for src in CPU_TF_SOURCES:

@@ -1,44 +1,38 @@
-// Register-tiled CPU kernels for BSR products, specialised on block shape.
+// Register-tiled CPU kernels for BSR products, compiled once per ISA
+// (cpu_isa.h sets the namespace, the vector width and the register count).
 //
-// The one dispatch point is DispatchBlockShape() at the bottom: the block
-// shapes users prune to (square 4..32 and the TFLite-friendly 4x1 / 16x1,
-// whose transposes the backward pass needs) get a kernel whose inner loops
-// have compile-time trip counts, so the compiler keeps the accumulator tile
-// in vector registers; every other shape takes the generic runtime loop.
-#include "bsr_matmul_cpu_kernels.h"
-
+// Two kernels, chosen per call by Plan() (the one tile table):
+// - RowProduct: vectors along a block's output columns, one broadcast of
+//   the dense operand per row; best when there are few dense rows and the
+//   block is at least a vector wide (M = 1..8 with 16x16 blocks: GEMV-like).
+// - PanelProduct: vectors along the dense rows (the operand packed into
+//   panels of one vector of rows), the weights broadcast from memory; every
+//   block shape fills whole vectors, and dy @ W^T reads the stored blocks
+//   transposed without a copy.
 #include <algorithm>
 #include <cstring>
 
+#include "bsr_matmul_cpu_kernels.h"
+#include "cpu_isa.h"
+
+TFBS_ISA_BEGIN
+
 namespace tfbs {
+namespace TFBS_ISA_NS {
 namespace {
 
-// Rows of the dense operand kept in registers per tile: enough accumulators
-// to hide FMA latency, few enough to leave registers for the block row and
-// the broadcast (16 AVX2 registers).
-template <typename T, int kLanes>
-constexpr int RowsPerTile() {
-  constexpr int kVec = 32 / static_cast<int>(sizeof(T));
-  constexpr int kVecsPerRow = (kLanes + kVec - 1) / kVec;
-  constexpr int kRows = 12 / kVecsPerRow;
-  return kRows < 1 ? 1 : (kRows > 8 ? 8 : kRows);
-}
+constexpr int kVecBytes = TFBS_VEC_BYTES;
+// Accumulators a tile may hold: the rest of the registers keep the loaded
+// operands and the broadcasts.
+constexpr int kAccRegs = TFBS_VEC_REGS == 32 ? 24 : 12;
 
 // GCC/Clang vector extension type holding `kBytes` bytes of T. Explicit
-// vectors (rather than hoping the auto-vectoriser keeps a 2-D accumulator
-// array in registers, which it did not: 1.4 GFLOP/s) give the FMA tile below.
+// vectors keep the accumulator tile in registers (the auto-vectoriser did
+// not: 1.4 GFLOP/s).
 template <typename T, int kBytes>
 struct Vec {
   typedef T type __attribute__((vector_size(kBytes)));
 };
-
-// Bytes per vector for a row of `lanes` T: a full AVX register when the row
-// fills one, else the whole row (4 floats -> 16 bytes).
-template <typename T, int lanes>
-constexpr int VecBytes() {
-  constexpr int kRow = lanes * static_cast<int>(sizeof(T));
-  return kRow >= 32 ? 32 : kRow;
-}
 
 // All lanes set to s. Written as s - 0, which compilers fold to a plain
 // broadcast since it is exact for every s; s + 0 is not (-0.0 + 0.0 = +0.0)
@@ -55,10 +49,31 @@ inline V LoadVec(const T* p) {
   return v;
 }
 
+inline int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// ---------------------------------------------------------------- row tiles
+
+// Bytes per vector for a row of `lanes` T: a full register when the row
+// fills one, else the whole row (4 floats -> 16 bytes).
+template <typename T, int lanes>
+constexpr int RowVecBytes() {
+  constexpr int kRow = lanes * static_cast<int>(sizeof(T));
+  return kRow >= kVecBytes ? kVecBytes : kRow;
+}
+
+// Dense rows kept in registers per tile.
+template <typename T, int kLanes>
+constexpr int RowsPerTile() {
+  constexpr int kVec = RowVecBytes<T, kLanes>() / static_cast<int>(sizeof(T));
+  constexpr int kVecsPerRow = (kLanes + kVec - 1) / kVec;
+  constexpr int kRows = kAccRegs / kVecsPerRow;
+  return kRows < 1 ? 1 : (kRows > 8 ? 8 : kRows);
+}
+
 // One tile of kRows dense rows times one group, for blocks [BI, BO].
 template <typename T, int BI, int BO, int kRows>
 inline void ProductTile(const GroupedProductArgs<T>& a, int64_t g, int64_t m) {
-  constexpr int kBytes = VecBytes<T, BO>();
+  constexpr int kBytes = RowVecBytes<T, BO>();
   constexpr int kW = kBytes / static_cast<int>(sizeof(T));
   constexpr int kNV = BO / kW;
   static_assert(BO % kW == 0, "block width must fill whole vectors");
@@ -72,10 +87,9 @@ inline void ProductTile(const GroupedProductArgs<T>& a, int64_t g, int64_t m) {
   const T* in_rows = a.in + m * ld;
   for (int32_t p = a.group_ptr[g]; p < a.group_ptr[g + 1]; ++p) {
     const int64_t id = a.ids ? a.ids[p] : p;
-    const T* blk = a.blocks + id * (BI * BO);
+    const T* blk = a.blocks + id * a.block_elems;
     const int64_t c0 = static_cast<int64_t>(a.in_block[p]) * BI;
     const T* x = in_rows + a.in_block[p] * a.in_block_stride;
-    // The bottom edge block's padded rows have no input: stop at in_cols.
     auto step = [&](int i) __attribute__((always_inline)) {
       V b[kNV];
 #pragma GCC unroll 8
@@ -96,7 +110,7 @@ inline void ProductTile(const GroupedProductArgs<T>& a, int64_t g, int64_t m) {
     }
   }
   const int64_t o0 = g * BO;
-  const int64_t omax = std::min<int64_t>(BO, a.out_cols - o0);
+  const int64_t omax = Min(BO, a.out_cols - o0);
   T* out = a.out + m * a.out_cols + o0;
   for (int r = 0; r < kRows; ++r) {
     if (omax == BO) {
@@ -121,7 +135,7 @@ inline void DotTile(const GroupedProductArgs<T>& a, int64_t g, int64_t m) {
   const T* in_rows = a.in + m * ld;
   for (int32_t p = a.group_ptr[g]; p < a.group_ptr[g + 1]; ++p) {
     const int64_t id = a.ids ? a.ids[p] : p;
-    const T* __restrict blk = a.blocks + id * BI;
+    const T* __restrict blk = a.blocks + id * a.block_elems;
     const int64_t c0 = static_cast<int64_t>(a.in_block[p]) * BI;
     const T* __restrict x = in_rows + a.in_block[p] * a.in_block_stride;
     if (c0 + BI <= a.in_cols) {
@@ -143,8 +157,8 @@ inline void DotTile(const GroupedProductArgs<T>& a, int64_t g, int64_t m) {
 }
 
 template <typename T, int BI, int BO>
-void ProductFixed(const GroupedProductArgs<T>& a, int64_t g_begin,
-                  int64_t g_end, int64_t m_begin, int64_t m_end) {
+void RowFixed(const GroupedProductArgs<T>& a, int64_t g_begin, int64_t g_end,
+              int64_t m_begin, int64_t m_end) {
   constexpr int kRows = RowsPerTile<T, (BO == 1 ? BI : BO)>();
   for (int64_t g = g_begin; g < g_end; ++g) {
     int64_t m = m_begin;
@@ -160,128 +174,190 @@ void ProductFixed(const GroupedProductArgs<T>& a, int64_t g_begin,
 }
 
 template <typename T>
-void ProductGeneric(const GroupedProductArgs<T>& a, int64_t g_begin,
-                    int64_t g_end, int64_t m_begin, int64_t m_end) {
+void RowGeneric(const GroupedProductArgs<T>& a, int64_t g_begin,
+                int64_t g_end, int64_t m_begin, int64_t m_end) {
   const int64_t bi = a.bi, bo = a.bo;
   for (int64_t g = g_begin; g < g_end; ++g) {
     const int64_t o0 = g * bo;
-    const int64_t omax = std::min<int64_t>(bo, a.out_cols - o0);
+    const int64_t omax = Min(bo, a.out_cols - o0);
     for (int64_t m = m_begin; m < m_end; ++m) {
       T* out = a.out + m * a.out_cols + o0;
       for (int64_t o = 0; o < omax; ++o) out[o] = T(0);
       for (int32_t p = a.group_ptr[g]; p < a.group_ptr[g + 1]; ++p) {
         const int64_t id = a.ids ? a.ids[p] : p;
-        const T* blk = a.blocks + id * bi * bo;
+        const T* blk = a.blocks + id * a.block_elems;
         const int64_t c0 = static_cast<int64_t>(a.in_block[p]) * bi;
-        const int64_t imax = std::min<int64_t>(bi, a.in_cols - c0);
+        const int64_t imax = Min(bi, a.in_cols - c0);
         const T* x = a.in + m * a.in_row_stride + a.in_block[p] * a.in_block_stride;
         for (int64_t i = 0; i < imax; ++i) {
           const T xv = x[i];
-          for (int64_t o = 0; o < omax; ++o) out[o] += xv * blk[i * bo + o];
+          for (int64_t o = 0; o < omax; ++o)
+            out[o] += xv * blk[i * a.w_row + o * a.w_col];
         }
       }
     }
   }
 }
 
-// The only place that maps a runtime block shape to a specialised kernel.
-template <typename T, template <typename, int, int> class Fn, typename... A>
-void DispatchBlockShape(int64_t bi, int64_t bo, A&&... args) {
+// The block shapes with a specialised row kernel: square 4..32 and the
+// TFLite-friendly 4x1 / 16x1 with their transposes. Others run generic.
+template <typename T>
+void RowProduct(const GroupedProductArgs<T>& a, int64_t gb, int64_t ge,
+                int64_t mb, int64_t me) {
+  const int64_t bi = a.bi, bo = a.bo;
+  if (a.w_col == 1 && a.w_row == bo) {
 #define TFBS_CASE(I, O) \
-  if (bi == I && bo == O) return Fn<T, I, O>::Run(args...);
-  TFBS_CASE(4, 4) TFBS_CASE(8, 8) TFBS_CASE(16, 16) TFBS_CASE(32, 32)
-  TFBS_CASE(4, 1) TFBS_CASE(16, 1) TFBS_CASE(1, 4) TFBS_CASE(1, 16)
+  if (bi == I && bo == O) return RowFixed<T, I, O>(a, gb, ge, mb, me);
+    TFBS_CASE(4, 4) TFBS_CASE(8, 8) TFBS_CASE(16, 16) TFBS_CASE(32, 32)
+    TFBS_CASE(4, 1) TFBS_CASE(16, 1) TFBS_CASE(1, 4) TFBS_CASE(1, 16)
 #undef TFBS_CASE
-  Fn<T, 0, 0>::Run(args...);  // 0 x 0 selects the generic kernel
+  }
+  RowGeneric<T>(a, gb, ge, mb, me);
 }
 
-template <typename T, int BI, int BO>
-struct ProductFn {
-  static void Run(const GroupedProductArgs<T>& a, int64_t gb, int64_t ge,
-                  int64_t mb, int64_t me) {
-    if constexpr (BI == 0) ProductGeneric<T>(a, gb, ge, mb, me);
-    else ProductFixed<T, BI, BO>(a, gb, ge, mb, me);
-  }
-};
+// ------------------------------------------------------------------- panels
 
-// dvalues of one block, in chunks of kChunk block rows so that the
-// accumulator chunk stays in registers while the dense rows stream by.
-template <typename T, int BH, int BW>
-void ValuesGradBlock(const ValuesGradArgs<T>& a, int64_t p) {
-  constexpr int kVec = 32 / static_cast<int>(sizeof(T));
-  constexpr int kVecsPerRow = (BW + kVec - 1) / kVec;
-  constexpr int kChunkRaw = 12 / kVecsPerRow;
-  constexpr int kChunk = kChunkRaw < 1 ? 1 : (kChunkRaw > BH ? BH : kChunkRaw);
-  const int64_t r0 = static_cast<int64_t>(a.block_row[p]) * BH;
-  const int64_t c0 = static_cast<int64_t>(a.col_indices[p]) * BW;
-  const int64_t imax = std::min<int64_t>(BH, a.k - r0);
-  const bool full_cols = c0 + BW <= a.n;
-  T* dv = a.dvalues + p * (BH * BW);
-  std::memset(dv, 0, sizeof(T) * BH * BW);
-  for (int64_t i0 = 0; i0 < imax; i0 += kChunk) {
-    T acc[kChunk][BW];
-    for (int i = 0; i < kChunk; ++i)
-      for (int o = 0; o < BW; ++o) acc[i][o] = T(0);
-    const int64_t ic = std::min<int64_t>(kChunk, imax - i0);
-    for (int64_t m = 0; m < a.m; ++m) {
-      const T* __restrict xr = a.x + m * a.k + r0 + i0;
-      const T* __restrict dyr = a.dy + m * a.n + c0;
-      if (full_cols && ic == kChunk) {
-        for (int i = 0; i < kChunk; ++i) {
-          const T xv = xr[i];
-          for (int o = 0; o < BW; ++o) acc[i][o] += xv * dyr[o];
-        }
-      } else {
-        const int64_t omax = std::min<int64_t>(BW, a.n - c0);
-        for (int64_t i = 0; i < ic; ++i)
-          for (int64_t o = 0; o < omax; ++o) acc[i][o] += xr[i] * dyr[o];
+// A tile of OC output columns (from o0) times NV panels (from q) of one
+// group. kUnitCol: the weights of one input row are contiguous (x @ W),
+// which lets the compiler address the broadcasts with constant offsets.
+template <typename T, typename V, int OC, int NV, bool kUnitCol>
+inline void PanelTile(const GroupedProductArgs<T>& a, int64_t g, int64_t o0,
+                      int64_t q) {
+  constexpr int L = sizeof(V) / sizeof(T);
+  V acc[OC][NV];
+#pragma GCC unroll 8
+  for (int o = 0; o < OC; ++o)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[o][v] = V{};
+  const int64_t pstride = a.in_cols * L;
+  const T* xq = a.in + q * pstride;
+  const int64_t w_row = a.w_row;
+  const int64_t w_col = kUnitCol ? 1 : a.w_col;
+  for (int32_t p = a.group_ptr[g]; p < a.group_ptr[g + 1]; ++p) {
+    const int64_t id = a.ids ? a.ids[p] : p;
+    const T* w = a.blocks + id * a.block_elems + o0 * w_col;
+    const int64_t c0 = static_cast<int64_t>(a.in_block[p]) * a.bi;
+    const int64_t imax = Min(a.bi, a.in_cols - c0);
+    const T* x = xq + c0 * L;
+    for (int64_t i = 0; i < imax; ++i, x += L, w += w_row) {
+      V xv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) xv[v] = LoadVec<V>(x + v * pstride);
+#pragma GCC unroll 8
+      for (int o = 0; o < OC; ++o) {
+        const V wv = Broadcast<V>(w[o * w_col]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[o][v] += wv * xv[v];
       }
     }
-    for (int64_t i = 0; i < ic; ++i)
-      for (int o = 0; o < BW; ++o) dv[(i0 + i) * BW + o] = acc[i][o];
   }
-}
-
-template <typename T>
-void ValuesGradGeneric(const ValuesGradArgs<T>& a, int64_t p) {
-  const int64_t bh = a.bh, bw = a.bw;
-  const int64_t r0 = static_cast<int64_t>(a.block_row[p]) * bh;
-  const int64_t c0 = static_cast<int64_t>(a.col_indices[p]) * bw;
-  const int64_t imax = std::min<int64_t>(bh, a.k - r0);
-  const int64_t omax = std::min<int64_t>(bw, a.n - c0);
-  T* dv = a.dvalues + p * bh * bw;
-  std::memset(dv, 0, sizeof(T) * bh * bw);
-  for (int64_t m = 0; m < a.m; ++m) {
-    const T* xr = a.x + m * a.k + r0;
-    const T* dyr = a.dy + m * a.n + c0;
-    for (int64_t i = 0; i < imax; ++i)
-      for (int64_t o = 0; o < omax; ++o) dv[i * bw + o] += xr[i] * dyr[o];
-  }
-}
-
-template <typename T, int BH, int BW>
-struct ValuesGradFn {
-  static void Run(const ValuesGradArgs<T>& a, int64_t pb, int64_t pe) {
-    for (int64_t p = pb; p < pe; ++p) {
-      if constexpr (BH == 0) ValuesGradGeneric<T>(a, p);
-      else ValuesGradBlock<T, BH, BW>(a, p);
+  // The tile is transposed (lanes are rows): write it row by row.
+  const int64_t col0 = g * a.bo + o0;
+  const int64_t ocols = Min(OC, a.out_cols - col0);
+  for (int v = 0; v < NV; ++v) {
+    const int64_t r0 = (q + v) * L;
+    const int64_t rows = Min(L, a.m - r0);
+    T tile[OC][L];
+    for (int o = 0; o < OC; ++o) std::memcpy(tile[o], &acc[o][v], sizeof(V));
+    for (int64_t r = 0; r < rows; ++r) {
+      T* out = a.out + (r0 + r) * a.out_cols + col0;
+      for (int64_t o = 0; o < ocols; ++o) out[o] = tile[o][r];
     }
   }
-};
+}
 
-}  // namespace
+// Panels per tile for OC output columns: as many accumulators as fit.
+constexpr int PanelsFor(int oc) {
+  const int nv = kAccRegs / oc;
+  return nv < 1 ? 1 : (nv > 8 ? 8 : nv);
+}
 
-template <typename T>
-void GroupedBlockProduct(const GroupedProductArgs<T>& args, int64_t g_begin,
-                         int64_t g_end, int64_t m_begin, int64_t m_end) {
-  DispatchBlockShape<T, ProductFn>(args.bi, args.bo, args, g_begin, g_end,
-                                   m_begin, m_end);
+template <typename T, typename V, int OC, bool kUnitCol>
+void PanelColumns(const GroupedProductArgs<T>& a, int64_t g, int64_t o0,
+                  int64_t q_begin, int64_t q_end) {
+  constexpr int kMaxNv = PanelsFor(OC);
+  int64_t q = q_begin;
+  for (; q + kMaxNv <= q_end; q += kMaxNv)
+    PanelTile<T, V, OC, kMaxNv, kUnitCol>(a, g, o0, q);
+  const int64_t left = q_end - q;
+  // A short tail of panels: one call with the exact count.
+  switch (left) {
+#define TFBS_NV(N)                                                     \
+  case N:                                                              \
+    if constexpr (N < kMaxNv) PanelTile<T, V, OC, N, kUnitCol>(a, g, o0, q); \
+    break;
+    TFBS_NV(1) TFBS_NV(2) TFBS_NV(3) TFBS_NV(4) TFBS_NV(5) TFBS_NV(6)
+    TFBS_NV(7)
+#undef TFBS_NV
+    default:
+      break;
+  }
+}
+
+template <typename T, typename V, bool kUnitCol>
+void PanelGroups(const GroupedProductArgs<T>& a, int64_t g_begin,
+                 int64_t g_end, int64_t q_begin, int64_t q_end) {
+  for (int64_t g = g_begin; g < g_end; ++g) {
+    // Output columns in chunks of 8, then 4, then the rest: the block
+    // widths users prune to (1, 4, 8, 16, 32) need no odd chunk at all.
+    int64_t o0 = 0;
+    const int64_t bo = a.bo;
+    for (; o0 + 8 <= bo; o0 += 8)
+      PanelColumns<T, V, 8, kUnitCol>(a, g, o0, q_begin, q_end);
+    for (; o0 + 4 <= bo; o0 += 4)
+      PanelColumns<T, V, 4, kUnitCol>(a, g, o0, q_begin, q_end);
+    switch (bo - o0) {
+      case 3: PanelColumns<T, V, 3, kUnitCol>(a, g, o0, q_begin, q_end); break;
+      case 2: PanelColumns<T, V, 2, kUnitCol>(a, g, o0, q_begin, q_end); break;
+      case 1: PanelColumns<T, V, 1, kUnitCol>(a, g, o0, q_begin, q_end); break;
+      default: break;
+    }
+  }
 }
 
 template <typename T>
-void BsrValuesGrad(const ValuesGradArgs<T>& args, int64_t p_begin,
-                   int64_t p_end) {
-  DispatchBlockShape<T, ValuesGradFn>(args.bh, args.bw, args, p_begin, p_end);
+void PanelProduct(const GroupedProductArgs<T>& a, int64_t gb, int64_t ge,
+                  int64_t qb, int64_t qe) {
+  typedef typename Vec<T, kVecBytes>::type V;
+  if (a.w_col == 1) PanelGroups<T, V, true>(a, gb, ge, qb, qe);
+  else PanelGroups<T, V, false>(a, gb, ge, qb, qe);
+}
+
+// The tile table. Panels need a vector of rows to fill; with fewer rows the
+// row tiles win when the block is a vector wide (they broadcast the few
+// rows instead of wasting lanes), and the transposed product, whose row
+// tiles need a copy of every block per call, takes panels sooner.
+template <typename T>
+ProductPlan Plan(int64_t m, int64_t bi, int64_t bo, bool transposed) {
+  constexpr int64_t kLanes = kVecBytes / sizeof(T);
+  ProductPlan plan;
+  const bool wide_block = bo * static_cast<int64_t>(sizeof(T)) >= kVecBytes;
+  const int64_t min_rows = transposed ? kLanes / 2 : (wide_block ? kLanes : kLanes / 2);
+  plan.panels = m >= min_rows;
+  plan.lanes = kLanes;
+  plan.pack_rows = !plan.panels && m >= 32;
+  (void)bi;
+  return plan;
+}
+
+template <typename T>
+void PackPanels(const T* in, int64_t m, int64_t cols, int64_t lanes, T* out,
+                int64_t q_begin, int64_t q_end) {
+  constexpr int64_t kChunk = 64;  // columns per pass: the lanes' rows stay in L1
+  for (int64_t q = q_begin; q < q_end; ++q) {
+    T* dst = out + q * cols * lanes;
+    const int64_t r0 = q * lanes;
+    const int64_t rows = Min(lanes, m - r0);
+    for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {
+      const int64_t c1 = Min(cols, c0 + kChunk);
+      for (int64_t l = 0; l < rows; ++l) {
+        const T* src = in + (r0 + l) * cols;
+        for (int64_t c = c0; c < c1; ++c) dst[c * lanes + l] = src[c];
+      }
+      for (int64_t l = rows; l < lanes; ++l)
+        for (int64_t c = c0; c < c1; ++c) dst[c * lanes + l] = T(0);
+    }
+  }
 }
 
 template <typename T>
@@ -289,7 +365,7 @@ void PackBlockColumns(const T* in, int64_t m, int64_t cols, int64_t bi, T* out,
                       int64_t b_begin, int64_t b_end) {
   for (int64_t b = b_begin; b < b_end; ++b) {
     const int64_t c0 = b * bi;
-    const int64_t width = std::min<int64_t>(bi, cols - c0);
+    const int64_t width = Min(bi, cols - c0);
     T* dst = out + b * m * bi;
     for (int64_t r = 0; r < m; ++r) {
       std::memcpy(dst + r * bi, in + r * cols + c0, sizeof(T) * width);
@@ -310,16 +386,117 @@ void TransposeBlocks(const T* blocks, int64_t bh, int64_t bw, T* out,
   }
 }
 
-#define TFBS_INSTANTIATE(T)                                                  \
-  template void GroupedBlockProduct<T>(const GroupedProductArgs<T>&, int64_t, \
-                                       int64_t, int64_t, int64_t);          \
-  template void BsrValuesGrad<T>(const ValuesGradArgs<T>&, int64_t, int64_t); \
-  template void TransposeBlocks<T>(const T*, int64_t, int64_t, T*, int64_t,  \
-                                   int64_t);                                 \
-  template void PackBlockColumns<T>(const T*, int64_t, int64_t, int64_t, T*, \
-                                    int64_t, int64_t);
-TFBS_INSTANTIATE(float)
-TFBS_INSTANTIATE(double)
-#undef TFBS_INSTANTIATE
+// ----------------------------------------------------------- values grad
 
+// dvalues of one block: a [BH, BW] tile of accumulators (vectors along the
+// block's columns, BH rows in chunks that fit the registers) while the
+// dense rows stream by, each row one load of dy and BH broadcasts of x.
+template <typename T, int BH, int BW>
+void ValuesGradBlock(const ValuesGradArgs<T>& a, int64_t p) {
+  constexpr int kBytes = RowVecBytes<T, BW>();
+  constexpr int kW = kBytes / static_cast<int>(sizeof(T));
+  constexpr int kNV = BW / kW;
+  static_assert(BW % kW == 0, "block width must fill whole vectors");
+  typedef typename Vec<T, kBytes>::type V;
+  constexpr int kChunkRaw = kAccRegs / kNV;
+  constexpr int kChunk = kChunkRaw < 1 ? 1 : (kChunkRaw > BH ? BH : kChunkRaw);
+  const int64_t r0 = static_cast<int64_t>(a.block_row[p]) * BH;
+  const int64_t c0 = static_cast<int64_t>(a.col_indices[p]) * BW;
+  const int64_t imax = Min(BH, a.k - r0);
+  const int64_t omax = Min(BW, a.n - c0);
+  T* dv = a.dvalues + p * (BH * BW);
+  std::memset(dv, 0, sizeof(T) * BH * BW);
+  for (int64_t i0 = 0; i0 < imax; i0 += kChunk) {
+    const int64_t ic = Min(kChunk, imax - i0);
+    V acc[kChunk][kNV];
+    for (int i = 0; i < kChunk; ++i)
+      for (int v = 0; v < kNV; ++v) acc[i][v] = V{};
+    const T* xr = a.x + r0 + i0;
+    const T* dyr = a.dy + c0;
+    if (omax == BW && ic == kChunk) {
+      for (int64_t m = 0; m < a.m; ++m, xr += a.k, dyr += a.n) {
+        V d[kNV];
+        for (int v = 0; v < kNV; ++v) d[v] = LoadVec<V>(dyr + v * kW);
+        for (int i = 0; i < kChunk; ++i) {
+          const V xv = Broadcast<V>(xr[i]);
+          for (int v = 0; v < kNV; ++v) acc[i][v] += xv * d[v];
+        }
+      }
+    } else {  // edge block: dy's columns past n and x's rows past k are absent
+      for (int64_t m = 0; m < a.m; ++m, xr += a.k, dyr += a.n) {
+        T row[BW] = {};
+        for (int64_t o = 0; o < omax; ++o) row[o] = dyr[o];
+        V d[kNV];
+        for (int v = 0; v < kNV; ++v) d[v] = LoadVec<V>(row + v * kW);
+        for (int64_t i = 0; i < ic; ++i) {
+          const V xv = Broadcast<V>(xr[i]);
+          for (int v = 0; v < kNV; ++v) acc[i][v] += xv * d[v];
+        }
+      }
+    }
+    for (int64_t i = 0; i < ic; ++i) {
+      T row[BW];
+      std::memcpy(row, &acc[i][0], sizeof(T) * BW);
+      for (int64_t o = 0; o < omax; ++o) dv[(i0 + i) * BW + o] = row[o];
+    }
+  }
+}
+
+// Any shape: the block's dvalues summed over m in a stack tile.
+template <typename T>
+void ValuesGradGeneric(const ValuesGradArgs<T>& a, int64_t p) {
+  const int64_t bh = a.bh, bw = a.bw;
+  const int64_t r0 = static_cast<int64_t>(a.block_row[p]) * bh;
+  const int64_t c0 = static_cast<int64_t>(a.col_indices[p]) * bw;
+  const int64_t imax = Min(bh, a.k - r0);
+  const int64_t omax = Min(bw, a.n - c0);
+  T* dv = a.dvalues + p * bh * bw;
+  std::memset(dv, 0, sizeof(T) * bh * bw);
+  for (int64_t m = 0; m < a.m; ++m) {
+    const T* xr = a.x + m * a.k + r0;
+    const T* dyr = a.dy + m * a.n + c0;
+    for (int64_t i = 0; i < imax; ++i) {
+      const T xv = xr[i];
+      for (int64_t o = 0; o < omax; ++o) dv[i * bw + o] += xv * dyr[o];
+    }
+  }
+}
+
+template <typename T>
+void ValuesGrad(const ValuesGradArgs<T>& a, int64_t pb, int64_t pe) {
+  const int64_t bh = a.bh, bw = a.bw;
+#define TFBS_CASE(H, W)                                             \
+  if (bh == H && bw == W) {                                         \
+    for (int64_t p = pb; p < pe; ++p) ValuesGradBlock<T, H, W>(a, p); \
+    return;                                                         \
+  }
+  TFBS_CASE(4, 4) TFBS_CASE(8, 8) TFBS_CASE(16, 16) TFBS_CASE(32, 32)
+  TFBS_CASE(1, 4) TFBS_CASE(1, 16)
+#undef TFBS_CASE
+  for (int64_t p = pb; p < pe; ++p) ValuesGradGeneric<T>(a, p);
+}
+
+#define TFBS_STR2(x) #x
+#define TFBS_STR(x) TFBS_STR2(x)
+
+template <typename T>
+const CpuKernels<T> kKernels = {
+    TFBS_STR(TFBS_ISA_NS), &Plan<T>, &RowProduct<T>, &PanelProduct<T>,
+    &PackBlockColumns<T>, &PackPanels<T>, &TransposeBlocks<T>,
+    &ValuesGrad<T>,
+};
+
+}  // namespace
+
+template <typename T>
+const CpuKernels<T>& MatmulKernels() {
+  return kKernels<T>;
+}
+
+template const CpuKernels<float>& MatmulKernels<float>();
+template const CpuKernels<double>& MatmulKernels<double>();
+
+}  // namespace TFBS_ISA_NS
 }  // namespace tfbs
+
+TFBS_ISA_END

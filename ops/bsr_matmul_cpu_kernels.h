@@ -1,6 +1,11 @@
-// CPU compute kernels of the BSR matmul ops, free of TensorFlow includes so
-// that this translation unit can be compiled with -O3 -march=native without
-// changing the ABI of anything TensorFlow sees (Eigen's alignment, for one).
+// CPU compute kernels of the BSR matmul ops, free of TensorFlow includes.
+//
+// The arithmetic (bsr_matmul_cpu_kernels.cc) is compiled once per
+// instruction set (cpu_isa.h) into namespaces tfbs::isa_baseline,
+// tfbs::isa_avx2, tfbs::isa_avx512; each fills one CpuKernels<T> table, and
+// the OpKernels take the table of the ISA chosen at run time
+// (cpu_dispatch.h), once per call, so that every step of one call runs the
+// same path.
 #ifndef TF_BLOCKSPARSE_OPS_BSR_MATMUL_CPU_KERNELS_H_
 #define TF_BLOCKSPARSE_OPS_BSR_MATMUL_CPU_KERNELS_H_
 
@@ -9,38 +14,43 @@
 namespace tfbs {
 
 // out[m, g*bo : g*bo+bo] = sum over p in [group_ptr[g], group_ptr[g+1]) of
-//     in[m, in_block[p]*bi : +bi] @ blocks[id(p)]      (blocks are [bi, bo])
-// with id(p) = ids[p], or p when ids is null. Reads and writes are clipped
-// to in_cols / out_cols, so padded edge blocks never touch memory outside
-// the dense operands.
+//     in[m, in_block[p]*bi : +bi] @ Wp                 (Wp is [bi, bo])
+// where Wp[i][o] = blocks[id(p) * block_elems + i * w_row + o * w_col] and
+// id(p) = ids[p], or p when ids is null. Reads and writes are clipped to
+// in_cols / out_cols, so the padding of edge blocks is never read or
+// written (it may hold anything).
 //
-// x @ W uses it with groups = block columns of W (the per-call column
-// index), dy @ W^T with groups = block rows of W and transposed blocks.
+// x @ W uses it with groups = block columns of W (the column index of the
+// layout), w_row = bw, w_col = 1; dy @ W^T with groups = block rows of W and
+// the stored blocks read transposed: w_row = 1, w_col = bw.
 //
-// Element (m, c) of `in` is read at in[(c / bi) * in_block_stride +
-// m * in_row_stride + c % bi], which covers both a row-major [m, in_cols]
-// operand (in_block_stride = bi, in_row_stride = in_cols) and one packed
-// by PackBlockColumns (contiguous rows within each input block).
+// Two dense-operand layouts:
+// - row tiles (RowProduct): element (m, c) of `in` at in[(c / bi) *
+//   in_block_stride + m * in_row_stride + c % bi]; vectors run along the
+//   block's output columns, so it needs w_col == 1.
+// - panels (PanelProduct): `in` packed by PackPanels into panels of
+//   `lanes` rows, [ceil(m / lanes), in_cols, lanes]; vectors run along the
+//   rows m, so every block shape (4x4, 16x1, ...) fills whole vectors and
+//   transposed blocks need no copy.
 template <typename T>
 struct GroupedProductArgs {
   const T* in = nullptr;
+  int64_t m = 0;  // rows of the dense operand (panels: to clip the output)
   int64_t in_cols = 0;
   int64_t in_row_stride = 0;
   int64_t in_block_stride = 0;
   const T* blocks = nullptr;
   int64_t bi = 0;
   int64_t bo = 0;
+  int64_t block_elems = 0;
+  int64_t w_row = 0;
+  int64_t w_col = 1;
   const int32_t* group_ptr = nullptr;
   const int32_t* ids = nullptr;
   const int32_t* in_block = nullptr;
   T* out = nullptr;
   int64_t out_cols = 0;
 };
-
-// Computes groups [g_begin, g_end) for dense rows [m_begin, m_end).
-template <typename T>
-void GroupedBlockProduct(const GroupedProductArgs<T>& args, int64_t g_begin,
-                         int64_t g_end, int64_t m_begin, int64_t m_end);
 
 // dvalues[p] = x[:, row(p)*bh : +bh]^T @ dy[:, col(p)*bw : +bw] for p in
 // [p_begin, p_end); the padded part of an edge block gets a zero gradient.
@@ -54,22 +64,47 @@ struct ValuesGradArgs {
   T* dvalues = nullptr;  // [nnzb, bh, bw]
 };
 
-template <typename T>
-void BsrValuesGrad(const ValuesGradArgs<T>& args, int64_t p_begin,
-                   int64_t p_end);
+// Which kernel a product of this shape takes, from the ISA's tile table.
+struct ProductPlan {
+  bool panels = false;  // PanelProduct, else RowProduct
+  int64_t lanes = 1;    // panel height (rows per vector) when panels
+  bool pack_rows = false;  // RowProduct: pack the operand by block columns
+};
 
-// Packs row-major in [m, cols] into [ceil(cols / bi), m, bi], zero padding
-// the last block, for input blocks [b_begin, b_end). A block of rows is
-// then contiguous, which the hardware prefetcher follows; reading the
-// row-major operand instead jumps a whole row per dense row.
+// One ISA's kernels. Ranges: groups [g_begin, g_end), rows [m_begin, m_end)
+// (RowProduct) or panels [q_begin, q_end) (PanelProduct), blocks
+// [p_begin, p_end), input blocks / panels [b_begin, b_end).
 template <typename T>
-void PackBlockColumns(const T* in, int64_t m, int64_t cols, int64_t bi, T* out,
-                      int64_t b_begin, int64_t b_end);
+struct CpuKernels {
+  const char* isa_name;
+  ProductPlan (*plan)(int64_t m, int64_t bi, int64_t bo, bool transposed);
+  void (*row_product)(const GroupedProductArgs<T>& args, int64_t g_begin,
+                      int64_t g_end, int64_t m_begin, int64_t m_end);
+  void (*panel_product)(const GroupedProductArgs<T>& args, int64_t g_begin,
+                        int64_t g_end, int64_t q_begin, int64_t q_end);
+  // Packs row-major in [m, cols] into [ceil(cols / bi), m, bi], zero
+  // padding the last block (contiguous rows within each input block).
+  void (*pack_block_columns)(const T* in, int64_t m, int64_t cols, int64_t bi,
+                             T* out, int64_t b_begin, int64_t b_end);
+  // Packs row-major in [m, cols] into panels [ceil(m / lanes), cols, lanes],
+  // rows past m zero.
+  void (*pack_panels)(const T* in, int64_t m, int64_t cols, int64_t lanes,
+                      T* out, int64_t b_begin, int64_t b_end);
+  void (*transpose_blocks)(const T* blocks, int64_t bh, int64_t bw, T* out,
+                           int64_t p_begin, int64_t p_end);
+  void (*values_grad)(const ValuesGradArgs<T>& args, int64_t p_begin,
+                      int64_t p_end);
+};
 
-// Transposes every block: out[p] = blocks[p]^T, for p in [p_begin, p_end).
-template <typename T>
-void TransposeBlocks(const T* blocks, int64_t bh, int64_t bw, T* out,
-                     int64_t p_begin, int64_t p_end);
+#define TFBS_DECLARE_MATMUL_KERNELS(ns)        \
+  namespace ns {                               \
+  template <typename T>                        \
+  const CpuKernels<T>& MatmulKernels();        \
+  }
+TFBS_DECLARE_MATMUL_KERNELS(isa_baseline)
+TFBS_DECLARE_MATMUL_KERNELS(isa_avx2)
+TFBS_DECLARE_MATMUL_KERNELS(isa_avx512)
+#undef TFBS_DECLARE_MATMUL_KERNELS
 
 }  // namespace tfbs
 

@@ -1,11 +1,15 @@
-// CPU OpKernels of the BSR matmul ops: validation, the per-call column
-// index, and work splitting over TensorFlow's intra-op thread pool. The
-// arithmetic is in bsr_matmul_cpu_kernels.cc.
+// CPU OpKernels of the BSR matmul ops: validation (once per layout, through
+// LayoutCache), the choice of ISA and kernel, and work splitting over
+// TensorFlow's intra-op thread pool. The arithmetic is in
+// bsr_matmul_cpu_kernels.cc, one copy per ISA.
 #include <algorithm>
+#include <memory>
+#include <string>
 #include <vector>
 
 #include "bsr_matmul_cpu_kernels.h"
 #include "bsr_matmul_kernels.h"
+#include "cpu_dispatch.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
 #include "tensorflow/core/platform/threadpool.h"
@@ -21,28 +25,88 @@ using ::tensorflow::TensorShape;
 
 namespace {
 
-// Dense rows per work unit: a multiple of every register tile height, and
-// small enough that M = 256 still splits into several units per group.
+// Dense rows per work unit of the row-tile kernel: a multiple of every
+// register tile height, and small enough that M = 256 still splits.
 constexpr int64_t kRowsPerUnit = 48;
 
-// From this many dense rows on, the dense operand is first packed block
-// column by block column (PackBlockColumns): ~10% faster at M = 256, not
-// worth a copy for a handful of rows.
-constexpr int64_t kMinRowsToPack = 32;
+// Panels per work unit: 8 panels of 16 floats are 128 rows, whose packed
+// operand (rows x K) stays in L2 while the unit streams the blocks of its
+// group; consecutive units share the panel chunk.
+constexpr int64_t kPanelsPerUnit = 8;
 
-// Runs the grouped product over (group, row chunk) units on the pool.
-// `args.in` is row-major [m, args.in_cols]; the strides are set here.
+template <typename T>
+::tensorflow::Status ActiveKernels(const CpuKernels<T>** kernels) {
+  CpuIsa isa;
+  std::string error;
+  if (!ActiveCpuIsa(&isa, &error)) {
+    return ::tensorflow::errors::FailedPrecondition(error);
+  }
+  *kernels = &MatmulKernelsFor<T>(isa);
+  return ::tensorflow::Status();
+}
+
+// Runs the grouped product over the pool with the kernel the ISA's tile
+// table picks. `args.in` is row-major [m, args.in_cols]; the strides and
+// packing are set here. `transpose_blocks`: the row-tile kernel needs the
+// blocks as [bi, bo] rows, so a transposed product copies them first.
 template <typename T>
 ::tensorflow::Status RunGroupedProduct(OpKernelContext* ctx,
+                                       const CpuKernels<T>& k,
                                        GroupedProductArgs<T> args,
-                                       int64_t num_groups, int64_t m,
-                                       int64_t nnzb) {
+                                       int64_t num_groups, int64_t nnzb,
+                                       bool transposed) {
+  const int64_t m = args.m;
   if (num_groups == 0 || m == 0) return ::tensorflow::Status();
   auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  const ProductPlan plan = k.plan(m, args.bi, args.bo, transposed);
+  const int64_t per_group = nnzb / num_groups + 1;
+  if (plan.panels) {
+    const int64_t lanes = plan.lanes;
+    const int64_t nq = (m + lanes - 1) / lanes;
+    Tensor packed;
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(::tensorflow::DataTypeToEnum<T>::value,
+                                          TensorShape({nq * args.in_cols * lanes}),
+                                          &packed));
+    T* dst = packed.flat<T>().data();
+    const T* src = args.in;
+    const int64_t cols = args.in_cols;
+    pool->ParallelFor(nq, cols * lanes * 2, [&](int64_t begin, int64_t end) {
+      k.pack_panels(src, m, cols, lanes, dst, begin, end);
+    });
+    args.in = dst;
+    const int64_t chunks = (nq + kPanelsPerUnit - 1) / kPanelsPerUnit;
+    const int64_t rows = std::min(nq, kPanelsPerUnit) * lanes;
+    const int64_t cost =
+        std::max<int64_t>(1, rows * per_group * args.bi * args.bo * 2);
+    pool->ParallelFor(num_groups * chunks, cost, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t g = u % num_groups;
+        const int64_t q0 = (u / num_groups) * kPanelsPerUnit;
+        k.panel_product(args, g, g + 1, q0, std::min(nq, q0 + kPanelsPerUnit));
+      }
+    });
+    return ::tensorflow::Status();
+  }
+  Tensor values_t;
+  if (transposed) {
+    // Stored [bo, bi] blocks read as [bi, bo]: copy them transposed.
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(::tensorflow::DataTypeToEnum<T>::value,
+                                          TensorShape({nnzb * args.block_elems}),
+                                          &values_t));
+    T* out = values_t.flat<T>().data();
+    const T* blocks = args.blocks;
+    const int64_t bh = args.bo, bw = args.bi;
+    pool->ParallelFor(nnzb, bh * bw * 2, [&](int64_t begin, int64_t end) {
+      k.transpose_blocks(blocks, bh, bw, out, begin, end);
+    });
+    args.blocks = out;
+    args.w_row = args.bo;
+    args.w_col = 1;
+  }
   args.in_row_stride = args.in_cols;
   args.in_block_stride = args.bi;
   Tensor packed;
-  if (m >= kMinRowsToPack) {
+  if (plan.pack_rows) {
     const int64_t in_blocks = (args.in_cols + args.bi - 1) / args.bi;
     TF_RETURN_IF_ERROR(ctx->allocate_temp(
         ::tensorflow::DataTypeToEnum<T>::value,
@@ -51,7 +115,7 @@ template <typename T>
     const T* src = args.in;
     const int64_t cols = args.in_cols, bi = args.bi;
     pool->ParallelFor(in_blocks, m * bi, [&](int64_t begin, int64_t end) {
-      PackBlockColumns<T>(src, m, cols, bi, dst, begin, end);
+      k.pack_block_columns(src, m, cols, bi, dst, begin, end);
     });
     args.in = dst;
     args.in_row_stride = bi;
@@ -59,8 +123,8 @@ template <typename T>
   }
   const int64_t row_chunks = (m + kRowsPerUnit - 1) / kRowsPerUnit;
   const int64_t rows = std::min(m, kRowsPerUnit);
-  const int64_t cost = std::max<int64_t>(
-      1, rows * (nnzb / num_groups + 1) * args.bi * args.bo * 2);
+  const int64_t cost =
+      std::max<int64_t>(1, rows * per_group * args.bi * args.bo * 2);
   pool->ParallelFor(num_groups * row_chunks, cost,
                     [&](int64_t begin, int64_t end) {
                       for (int64_t u = begin; u < end; ++u) {
@@ -68,7 +132,7 @@ template <typename T>
                         const int64_t c = u % row_chunks;
                         const int64_t m0 = c * kRowsPerUnit;
                         const int64_t m1 = std::min(m, m0 + kRowsPerUnit);
-                        GroupedBlockProduct<T>(args, g, g + 1, m0, m1);
+                        k.row_product(args, g, g + 1, m0, m1);
                       }
                     });
   return ::tensorflow::Status();
@@ -80,9 +144,14 @@ class BsrMatmulOp : public OpKernel {
   explicit BsrMatmulOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    BsrGeometry geo;
-    OP_REQUIRES_OK(ctx, ValidateProductInputs(ctx, /*transposed=*/false, &geo));
+    std::shared_ptr<const BsrLayout> layout;
+    OP_REQUIRES_OK(ctx, layouts_.Get(ctx, 1, &layout));
+    BsrGeometry geo = layout->geo;
     const Tensor& x = ctx->input(0);
+    OP_REQUIRES_OK(ctx, ValidateDense(x, "x", geo.k, "K"));
+    geo.m = x.dim_size(0);
+    const CpuKernels<T>* k = nullptr;
+    OP_REQUIRES_OK(ctx, ActiveKernels<T>(&k));
     Tensor* y = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({geo.m, geo.n}), &y));
     if (y->NumElements() == 0) return;
@@ -90,22 +159,28 @@ class BsrMatmulOp : public OpKernel {
       std::fill_n(y->flat<T>().data(), y->NumElements(), T(0));
       return;
     }
-    BsrColumnIndex index;
-    BuildColumnIndex(geo, ctx->input(2).flat<int32_t>().data(),
-                     ctx->input(3).flat<int32_t>().data(), &index);
+    const BsrColumnIndex& index = layout->column_index;
     GroupedProductArgs<T> args;
     args.in = x.flat<T>().data();
+    args.m = geo.m;
     args.in_cols = geo.k;
     args.blocks = ctx->input(1).flat<T>().data();
     args.bi = geo.bh;
     args.bo = geo.bw;
+    args.block_elems = geo.bh * geo.bw;
+    args.w_row = geo.bw;
+    args.w_col = 1;
     args.group_ptr = index.col_ptr.data();
     args.ids = index.block_ids.data();
     args.in_block = index.block_rows.data();
     args.out = y->flat<T>().data();
     args.out_cols = geo.n;
-    OP_REQUIRES_OK(ctx, RunGroupedProduct(ctx, args, geo.nbc, geo.m, geo.nnzb));
+    OP_REQUIRES_OK(ctx, RunGroupedProduct(ctx, *k, args, geo.nbc, geo.nnzb,
+                                          /*transposed=*/false));
   }
+
+ private:
+  LayoutCache layouts_;
 };
 
 template <typename T>
@@ -114,9 +189,14 @@ class BsrMatmulTransposedOp : public OpKernel {
   explicit BsrMatmulTransposedOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    BsrGeometry geo;
-    OP_REQUIRES_OK(ctx, ValidateProductInputs(ctx, /*transposed=*/true, &geo));
+    std::shared_ptr<const BsrLayout> layout;
+    OP_REQUIRES_OK(ctx, layouts_.Get(ctx, 1, &layout));
+    BsrGeometry geo = layout->geo;
     const Tensor& dy = ctx->input(0);
+    OP_REQUIRES_OK(ctx, ValidateDense(dy, "dy", geo.n, "N"));
+    geo.m = dy.dim_size(0);
+    const CpuKernels<T>* k = nullptr;
+    OP_REQUIRES_OK(ctx, ActiveKernels<T>(&k));
     Tensor* dx = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({geo.m, geo.k}), &dx));
     if (dx->NumElements() == 0) return;
@@ -124,32 +204,29 @@ class BsrMatmulTransposedOp : public OpKernel {
       std::fill_n(dx->flat<T>().data(), dx->NumElements(), T(0));
       return;
     }
-    // Blocks transposed once per call so that the product below is the same
-    // register-tiled kernel as the forward pass, grouped by block row.
-    Tensor transposed;
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(ctx->input(1).dtype(),
-                                           ctx->input(1).shape(), &transposed));
-    const T* values = ctx->input(1).flat<T>().data();
-    T* values_t = transposed.flat<T>().data();
-    auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-    pool->ParallelFor(geo.nnzb, geo.bh * geo.bw * 2,
-                      [&](int64_t begin, int64_t end) {
-                        TransposeBlocks<T>(values, geo.bh, geo.bw, values_t,
-                                           begin, end);
-                      });
+    // Grouped by block row of W, each stored [bh, bw] block read as its
+    // transpose [bw, bh].
     GroupedProductArgs<T> args;
     args.in = dy.flat<T>().data();
+    args.m = geo.m;
     args.in_cols = geo.n;
-    args.blocks = values_t;
+    args.blocks = ctx->input(1).flat<T>().data();
     args.bi = geo.bw;
     args.bo = geo.bh;
-    args.group_ptr = ctx->input(3).flat<int32_t>().data();
+    args.block_elems = geo.bh * geo.bw;
+    args.w_row = 1;
+    args.w_col = geo.bw;
+    args.group_ptr = layout->row_ptr.data();
     args.ids = nullptr;
-    args.in_block = ctx->input(2).flat<int32_t>().data();
+    args.in_block = layout->col_indices.data();
     args.out = dx->flat<T>().data();
     args.out_cols = geo.k;
-    OP_REQUIRES_OK(ctx, RunGroupedProduct(ctx, args, geo.nbr, geo.m, geo.nnzb));
+    OP_REQUIRES_OK(ctx, RunGroupedProduct(ctx, *k, args, geo.nbr, geo.nnzb,
+                                          /*transposed=*/true));
   }
+
+ private:
+  LayoutCache layouts_;
 };
 
 template <typename T>
@@ -158,14 +235,23 @@ class BsrMatmulValuesGradOp : public OpKernel {
   explicit BsrMatmulValuesGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    BsrGeometry geo;
-    OP_REQUIRES_OK(ctx, ValidateValuesGradInputs(ctx, &geo));
+    std::shared_ptr<const BsrLayout> layout;
+    OP_REQUIRES_OK(ctx, layouts_.Get(ctx, 2, &layout));
+    BsrGeometry geo = layout->geo;
     const Tensor& x = ctx->input(0);
     const Tensor& dy = ctx->input(1);
+    OP_REQUIRES_OK(ctx, ValidateDense(x, "x", geo.k, "K"));
+    OP_REQUIRES_OK(ctx, ValidateDense(dy, "dy", geo.n, "N"));
+    OP_REQUIRES(ctx, x.dim_size(0) == dy.dim_size(0),
+                ::tensorflow::errors::InvalidArgument(
+                    "x and dy must have the same number of rows, got ",
+                    x.dim_size(0), " and ", dy.dim_size(0)));
+    geo.m = x.dim_size(0);
+    const CpuKernels<T>* k = nullptr;
+    OP_REQUIRES_OK(ctx, ActiveKernels<T>(&k));
     Tensor* dvalues = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(2).shape(), &dvalues));
     if (dvalues->NumElements() == 0) return;
-    const std::vector<int32_t> block_row = BlockRows(ctx->input(4), geo);
     ValuesGradArgs<T> args;
     args.x = x.flat<T>().data();
     args.dy = dy.flat<T>().data();
@@ -174,14 +260,47 @@ class BsrMatmulValuesGradOp : public OpKernel {
     args.n = geo.n;
     args.bh = geo.bh;
     args.bw = geo.bw;
-    args.block_row = block_row.data();
-    args.col_indices = ctx->input(3).flat<int32_t>().data();
+    args.block_row = layout->block_rows.data();
+    args.col_indices = layout->col_indices.data();
     args.dvalues = dvalues->flat<T>().data();
     auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
     pool->ParallelFor(geo.nnzb, std::max<int64_t>(1, geo.m * geo.bh * geo.bw * 2),
                       [&](int64_t begin, int64_t end) {
-                        BsrValuesGrad<T>(args, begin, end);
+                        k->values_grad(args, begin, end);
                       });
+  }
+
+ private:
+  LayoutCache layouts_;
+};
+
+// Which ISA the CPU kernels use, and why (JSON).
+class KernelInfoOp : public OpKernel {
+ public:
+  explicit KernelInfoOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &out));
+    out->scalar<::tensorflow::tstring>()() = CpuKernelInfoJson();
+  }
+};
+
+class SetKernelIsaOp : public OpKernel {
+ public:
+  explicit SetKernelIsaOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& isa = ctx->input(0);
+    OP_REQUIRES(ctx, isa.dims() == 0,
+                ::tensorflow::errors::InvalidArgument(
+                    "isa must be a scalar string, got shape ",
+                    isa.shape().DebugString()));
+    const std::string error = SelectCpuIsa(isa.scalar<::tensorflow::tstring>()());
+    OP_REQUIRES(ctx, error.empty(), ::tensorflow::errors::InvalidArgument(error));
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &out));
+    out->scalar<::tensorflow::tstring>()() = CpuKernelInfoJson();
   }
 };
 
@@ -202,5 +321,9 @@ class BsrMatmulValuesGradOp : public OpKernel {
 TFBS_REGISTER_CPU(float)
 TFBS_REGISTER_CPU(double)
 #undef TFBS_REGISTER_CPU
+
+REGISTER_KERNEL_BUILDER(Name("TfbsKernelInfo").Device(DEVICE_CPU), KernelInfoOp);
+REGISTER_KERNEL_BUILDER(Name("TfbsSetKernelIsa").Device(DEVICE_CPU),
+                        SetKernelIsaOp);
 
 }  // namespace tfbs

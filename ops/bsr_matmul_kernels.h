@@ -2,6 +2,9 @@
 #ifndef TF_BLOCKSPARSE_OPS_BSR_MATMUL_KERNELS_H_
 #define TF_BLOCKSPARSE_OPS_BSR_MATMUL_KERNELS_H_
 
+#include <cstring>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "bsr_structure.h"
@@ -10,10 +13,9 @@
 
 namespace tfbs {
 
-// Validates the BSR inputs (values, col_indices, row_ptr, dense_shape) that
-// start at input index `first`. The index arrays must be in host memory.
-inline ::tensorflow::Status ValidateBsrInputs(
-    ::tensorflow::OpKernelContext* ctx, int first, BsrGeometry* geo) {
+// Checks the ranks of the BSR inputs that start at input index `first`.
+inline ::tensorflow::Status CheckBsrRanks(::tensorflow::OpKernelContext* ctx,
+                                          int first) {
   using ::tensorflow::errors::InvalidArgument;
   const ::tensorflow::Tensor& values = ctx->input(first);
   const ::tensorflow::Tensor& col_indices = ctx->input(first + 1);
@@ -35,6 +37,19 @@ inline ::tensorflow::Status ValidateBsrInputs(
     return InvalidArgument("dense_shape must be a vector [K, N], got shape ",
                            dense_shape.shape().DebugString());
   }
+  return ::tensorflow::Status();
+}
+
+// Validates the BSR inputs (values, col_indices, row_ptr, dense_shape) that
+// start at input index `first`. The index arrays must be in host memory.
+inline ::tensorflow::Status ValidateBsrInputs(
+    ::tensorflow::OpKernelContext* ctx, int first, BsrGeometry* geo) {
+  using ::tensorflow::errors::InvalidArgument;
+  TF_RETURN_IF_ERROR(CheckBsrRanks(ctx, first));
+  const ::tensorflow::Tensor& values = ctx->input(first);
+  const ::tensorflow::Tensor& col_indices = ctx->input(first + 1);
+  const ::tensorflow::Tensor& row_ptr = ctx->input(first + 2);
+  const ::tensorflow::Tensor& dense_shape = ctx->input(first + 3);
   const auto shape = dense_shape.flat<int64_t>();
   const std::string error = ValidateBsr(
       shape(0), shape(1), values.dim_size(1), values.dim_size(2),
@@ -103,6 +118,79 @@ inline std::vector<int32_t> BlockRows(const ::tensorflow::Tensor& row_ptr,
     for (int32_t p = ptr[i]; p < ptr[i + 1]; ++p) rows[p] = static_cast<int32_t>(i);
   return rows;
 }
+
+// A validated layout and what the kernels derive from it.
+struct BsrLayout {
+  BsrGeometry geo;  // geo.m is not part of the layout
+  std::vector<int32_t> col_indices;  // copies, to recognise the layout
+  std::vector<int32_t> row_ptr;
+  BsrColumnIndex column_index;       // for x @ W and the recurrences
+  std::vector<int32_t> block_rows;   // block row of every stored block
+};
+
+// The last layout an OpKernel saw. Validation and the column index are
+// O(nnzb) with branches and allocations; a model calls each op with the
+// same layout every time, so a call whose index arrays equal the cached
+// ones (a memcmp, several GB/s) reuses them. Every input is still checked:
+// equal to a validated layout is validated.
+class LayoutCache {
+ public:
+  ::tensorflow::Status Get(::tensorflow::OpKernelContext* ctx, int first,
+                           std::shared_ptr<const BsrLayout>* out) {
+    TF_RETURN_IF_ERROR(CheckBsrRanks(ctx, first));
+    const ::tensorflow::Tensor& values = ctx->input(first);
+    const ::tensorflow::Tensor& cols_t = ctx->input(first + 1);
+    const ::tensorflow::Tensor& ptr_t = ctx->input(first + 2);
+    const auto shape = ctx->input(first + 3).flat<int64_t>();
+    const int32_t* cols = cols_t.flat<int32_t>().data();
+    const int32_t* ptr = ptr_t.flat<int32_t>().data();
+    const int64_t num_cols = cols_t.NumElements();
+    const int64_t num_ptr = ptr_t.NumElements();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (last_ != nullptr && Same(*last_, shape(0), shape(1),
+                                   values.dim_size(1), values.dim_size(2),
+                                   values.dim_size(0), cols, num_cols, ptr,
+                                   num_ptr)) {
+        *out = last_;
+        return ::tensorflow::Status();
+      }
+    }
+    auto layout = std::make_shared<BsrLayout>();
+    const std::string error =
+        ValidateBsr(shape(0), shape(1), values.dim_size(1), values.dim_size(2),
+                    values.dim_size(0), cols, num_cols, ptr, num_ptr,
+                    &layout->geo);
+    if (!error.empty()) return ::tensorflow::errors::InvalidArgument(error);
+    layout->col_indices.assign(cols, cols + num_cols);
+    layout->row_ptr.assign(ptr, ptr + num_ptr);
+    BuildColumnIndex(layout->geo, cols, ptr, &layout->column_index);
+    layout->block_rows.resize(layout->geo.nnzb);
+    for (int64_t i = 0; i < layout->geo.nbr; ++i)
+      for (int32_t p = ptr[i]; p < ptr[i + 1]; ++p)
+        layout->block_rows[p] = static_cast<int32_t>(i);
+    std::lock_guard<std::mutex> lock(mu_);
+    last_ = layout;
+    *out = std::move(layout);
+    return ::tensorflow::Status();
+  }
+
+ private:
+  static bool Same(const BsrLayout& l, int64_t k, int64_t n, int64_t bh,
+                   int64_t bw, int64_t nnzb, const int32_t* cols,
+                   int64_t num_cols, const int32_t* ptr, int64_t num_ptr) {
+    const BsrGeometry& g = l.geo;
+    return g.k == k && g.n == n && g.bh == bh && g.bw == bw &&
+           g.nnzb == nnzb &&
+           static_cast<int64_t>(l.col_indices.size()) == num_cols &&
+           static_cast<int64_t>(l.row_ptr.size()) == num_ptr &&
+           std::memcmp(l.col_indices.data(), cols, 4 * num_cols) == 0 &&
+           std::memcmp(l.row_ptr.data(), ptr, 4 * num_ptr) == 0;
+  }
+
+  std::mutex mu_;
+  std::shared_ptr<const BsrLayout> last_;
+};
 
 }  // namespace tfbs
 

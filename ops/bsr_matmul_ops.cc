@@ -82,3 +82,28 @@ of TfbsBsrMatmul with respect to the block values, layout unchanged.
 )doc");
 
 }  // namespace tfbs
+
+namespace tfbs {
+
+// Stateful so that they run at every call and are never constant folded.
+REGISTER_OP("TfbsKernelInfo")
+    .Output("info: string")
+    .SetIsStateful()
+    .SetShapeFn(::tensorflow::shape_inference::ScalarShape)
+    .Doc(R"doc(
+JSON: the CPU instruction set the kernels use, why, the ISAs built and
+supported, what each missing one lacks, and the CPU features seen.
+)doc");
+
+REGISTER_OP("TfbsSetKernelIsa")
+    .Input("isa: string")
+    .Output("info: string")
+    .SetIsStateful()
+    .SetShapeFn(::tensorflow::shape_inference::ScalarShape)
+    .Doc(R"doc(
+Forces the CPU kernels' instruction set for the whole process: 'baseline',
+'avx2', 'avx512', or 'auto' (the widest the CPU supports). Fails, naming
+what the CPU lacks, when it cannot run here. Returns TfbsKernelInfo's JSON.
+)doc");
+
+}  // namespace tfbs

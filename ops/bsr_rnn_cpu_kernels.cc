@@ -21,19 +21,12 @@
 #include <vector>
 
 #include "bsr_matmul_cpu_kernels.h"
+#include "cpu_isa.h"
+
+TFBS_ISA_BEGIN
 
 namespace tfbs {
-
-bool ParseActivation(const std::string& name, Activation* out) {
-  if (name == "tanh") *out = Activation::kTanh;
-  else if (name == "sigmoid") *out = Activation::kSigmoid;
-  else if (name == "relu") *out = Activation::kRelu;
-  else if (name == "linear") *out = Activation::kLinear;
-  else if (name == "hard_sigmoid") *out = Activation::kHardSigmoid;
-  else return false;
-  return true;
-}
-
+namespace TFBS_ISA_NS {
 namespace {
 
 // Units processed together in the gate pass (stack scratch per span).
@@ -142,8 +135,12 @@ class Recurrence {
     product_.in_row_stride = a.units;
     product_.in_block_stride = a.bh;
     product_.blocks = packed_.data();
+    product_.m = a.batch;
     product_.bi = a.bh;
     product_.bo = a.bw;
+    product_.block_elems = block_elems;
+    product_.w_row = a.bw;
+    product_.w_col = 1;
     product_.group_ptr = a.col_ptr;
     product_.ids = nullptr;  // position q in column order is the block
     product_.in_block = a.block_rows;
@@ -174,7 +171,7 @@ class Recurrence {
   void Product(const T* in, int64_t g_begin, int64_t g_end) {
     GroupedProductArgs<T> p = product_;
     p.in = in;
-    GroupedBlockProduct<T>(p, g_begin, g_end, 0, a_.batch);
+    MatmulKernels<T>().row_product(p, g_begin, g_end, 0, a_.batch);
   }
 
   void Step(int64_t s, int64_t t) {
@@ -357,4 +354,7 @@ template void RunRnnSequence<float>(const RnnSequenceArgs<float>&,
 template void RunRnnSequence<double>(const RnnSequenceArgs<double>&,
                                      const ParallelFor&);
 
+}  // namespace TFBS_ISA_NS
 }  // namespace tfbs
+
+TFBS_ISA_END

@@ -1,6 +1,6 @@
 // CPU arithmetic of the fused block-sparse recurrence ops (LSTM, GRU,
 // SimpleRNN over a whole sequence). Free of TensorFlow includes, like
-// bsr_matmul_cpu_kernels.h, so it is compiled with -march=native; the TF
+// bsr_matmul_cpu_kernels.h, and compiled once per ISA the same way; the TF
 // kernel hands in the thread pool as a plain callback.
 //
 // The input projection x @ W (+ bias) of all timesteps is done before the
@@ -22,6 +22,7 @@ enum class RnnCell { kSimple, kGru, kLstm };
 enum class Activation { kTanh, kSigmoid, kRelu, kLinear, kHardSigmoid };
 
 // Parses a Keras activation name; false when it has no fused version.
+// (Defined in cpu_dispatch.cc: it is not arithmetic.)
 bool ParseActivation(const std::string& name, Activation* out);
 
 // Number of gate blocks of width `units` in the recurrent matrix.
@@ -68,9 +69,18 @@ struct RnnSequenceArgs {
 // Runs the recurrence with Keras semantics: a masked step keeps the states
 // and outputs the previous output (or zeros with zero_output_for_mask);
 // go_backwards reads the inputs from the last step to the first.
-template <typename T>
-void RunRnnSequence(const RnnSequenceArgs<T>& args,
-                    const ParallelFor& parallel_for);
+// One per ISA (bsr_rnn_cpu_kernels.cc); the OpKernel calls the one of the
+// ISA it chose for the call (RunRnnSequenceOn in cpu_dispatch.h).
+#define TFBS_DECLARE_RNN_KERNELS(ns)                     \
+  namespace ns {                                         \
+  template <typename T>                                  \
+  void RunRnnSequence(const RnnSequenceArgs<T>& args,    \
+                      const ParallelFor& parallel_for);  \
+  }
+TFBS_DECLARE_RNN_KERNELS(isa_baseline)
+TFBS_DECLARE_RNN_KERNELS(isa_avx2)
+TFBS_DECLARE_RNN_KERNELS(isa_avx512)
+#undef TFBS_DECLARE_RNN_KERNELS
 
 }  // namespace tfbs
 

@@ -1,11 +1,13 @@
 // CPU OpKernels of the fused block-sparse recurrences: input validation,
 // the column index of the recurrent matrix, and TensorFlow's intra-op
 // thread pool handed to the time loop in bsr_rnn_cpu_kernels.cc.
+#include <memory>
 #include <string>
 
 #include "bsr_matmul_kernels.h"
 #include "bsr_rnn_cpu_kernels.h"
 #include "bsr_structure.h"
+#include "cpu_dispatch.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
 #include "tensorflow/core/platform/threadpool.h"
@@ -120,8 +122,13 @@ class BsrRnnSequenceOp : public OpKernel {
         bias = b.flat<T>().data();
       }
     }
-    BsrGeometry geo;
-    OP_REQUIRES_OK(ctx, ValidateBsrInputs(ctx, in.bsr, &geo));
+    std::shared_ptr<const BsrLayout> layout;
+    OP_REQUIRES_OK(ctx, layouts_.Get(ctx, in.bsr, &layout));
+    const BsrGeometry& geo = layout->geo;
+    CpuIsa isa;
+    std::string isa_error;
+    OP_REQUIRES(ctx, ActiveCpuIsa(&isa, &isa_error),
+                ::tensorflow::errors::FailedPrecondition(isa_error));
     OP_REQUIRES(ctx, geo.k == units && geo.n == gates * units,
                 InvalidArgument("the recurrent matrix must be [units, ", gates,
                                 " * units] = [", units, ", ", gates * units,
@@ -138,10 +145,7 @@ class BsrRnnSequenceOp : public OpKernel {
     }
     if (batch == 0 || units == 0) return;
 
-    BsrColumnIndex index;
-    const int32_t* col_indices = ctx->input(in.bsr + 1).flat<int32_t>().data();
-    const int32_t* row_ptr = ctx->input(in.bsr + 2).flat<int32_t>().data();
-    BuildColumnIndex(geo, col_indices, row_ptr, &index);
+    const BsrColumnIndex& index = layout->column_index;
 
     RnnSequenceArgs<T> args;
     args.cell = kCell;
@@ -180,10 +184,11 @@ class BsrRnnSequenceOp : public OpKernel {
           if (n <= 0) return;
           pool->ParallelFor(n, cost, fn);
         };
-    RunRnnSequence<T>(args, parallel_for);
+    RunRnnSequenceOn<T>(isa, args, parallel_for);
   }
 
  private:
+  LayoutCache layouts_;
   Activation activation_ = Activation::kTanh;
   Activation recurrent_activation_ = Activation::kSigmoid;
   bool reset_after_ = true;

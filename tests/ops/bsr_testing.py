@@ -1,5 +1,6 @@
 """Helpers shared by the BSR tests: random block-sparse matrices and the
-two execution paths (compiled kernels, pure-TF fallback)."""
+execution paths: the compiled kernels on every CPU instruction set this
+machine runs ("custom:avx512", ...), and the pure-TF fallback."""
 
 import contextlib
 
@@ -7,14 +8,28 @@ import numpy as np
 
 import tf_blocksparse as tfbs
 
-PATHS = ("custom", "fallback")
+
+def _supported_isas():
+  info = tfbs.ops.kernel_info()
+  return info.get("supported", []) if info["custom_ops"] else []
+
+
+# "custom" alone is the ISA the dispatch picks; the named ones are forced.
+PATHS = tuple(f"custom:{isa}" for isa in _supported_isas()) + ("fallback",)
 
 
 @contextlib.contextmanager
 def path_scope(path):
-  """Runs the block with the compiled ops (custom) or the pure-TF ones."""
-  with tfbs.ops.use_custom_ops(path == "custom"):
-    yield
+  """Runs the block with the compiled ops (custom[:isa]) or the pure-TF ones."""
+  kind, _, isa = path.partition(":")
+  if kind == "custom" and isa:
+    tfbs.ops.set_kernel_isa(isa)
+  try:
+    with tfbs.ops.use_custom_ops(kind == "custom"):
+      yield
+  finally:
+    if kind == "custom" and isa:
+      tfbs.ops.set_kernel_isa("auto")
 
 
 def random_block_sparse(rng, k, n, block, density=0.4, dtype=np.float32):

@@ -6,3 +6,5 @@ from tf_blocksparse.ops.bsr_matmul import custom_ops_available
 from tf_blocksparse.ops.bsr_rnn import gru_sequence
 from tf_blocksparse.ops.bsr_rnn import lstm_sequence
 from tf_blocksparse.ops.bsr_rnn import simple_rnn_sequence
+from tf_blocksparse.ops.kernel_info import kernel_info
+from tf_blocksparse.ops.kernel_info import set_kernel_isa
