@@ -29,10 +29,12 @@ namespace {
 // register tile height, and small enough that M = 256 still splits.
 constexpr int64_t kRowsPerUnit = 48;
 
-// Panels per work unit: 8 panels of 16 floats are 128 rows, whose packed
-// operand (rows x K) stays in L2 while the unit streams the blocks of its
-// group; consecutive units share the panel chunk.
-constexpr int64_t kPanelsPerUnit = 8;
+// Bytes of packed panels per work unit. Consecutive units share their panel
+// chunk and stream the blocks of one group each, so the chunk should stay in
+// a core's L2 (1-2 MB on current x86) with room for the blocks: with K =
+// 2048 floats that is 4 panels (64 rows with AVX-512).
+constexpr int64_t kPanelChunkBytes = 512 << 10;
+constexpr int64_t kMaxPanelsPerUnit = 8;
 
 template <typename T>
 ::tensorflow::Status ActiveKernels(const CpuKernels<T>** kernels) {
@@ -74,15 +76,18 @@ template <typename T>
       k.pack_panels(src, m, cols, lanes, dst, begin, end);
     });
     args.in = dst;
-    const int64_t chunks = (nq + kPanelsPerUnit - 1) / kPanelsPerUnit;
-    const int64_t rows = std::min(nq, kPanelsPerUnit) * lanes;
+    const int64_t panel_bytes = cols * lanes * static_cast<int64_t>(sizeof(T));
+    const int64_t per_unit = std::max<int64_t>(
+        1, std::min(kMaxPanelsPerUnit, kPanelChunkBytes / panel_bytes));
+    const int64_t chunks = (nq + per_unit - 1) / per_unit;
+    const int64_t rows = std::min(nq, per_unit) * lanes;
     const int64_t cost =
         std::max<int64_t>(1, rows * per_group * args.bi * args.bo * 2);
     pool->ParallelFor(num_groups * chunks, cost, [&](int64_t begin, int64_t end) {
       for (int64_t u = begin; u < end; ++u) {
         const int64_t g = u % num_groups;
-        const int64_t q0 = (u / num_groups) * kPanelsPerUnit;
-        k.panel_product(args, g, g + 1, q0, std::min(nq, q0 + kPanelsPerUnit));
+        const int64_t q0 = (u / num_groups) * per_unit;
+        k.panel_product(args, g, g + 1, q0, std::min(nq, q0 + per_unit));
       }
     });
     return ::tensorflow::Status();

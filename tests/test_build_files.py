@@ -22,3 +22,36 @@ def test_every_source_file_is_matched_by_a_pattern():
     if name.endswith((".cc", ".cu")):
       path = "ops/" + name
       assert any(fnmatch.fnmatch(path, p) for p in patterns), f"{path} is never compiled"
+
+
+def _compiled_library():
+  import glob  # pylint: disable=import-outside-toplevel
+  found = glob.glob(os.path.join(ROOT, "tf_blocksparse", "ops", "_tf_blocksparse_ops.*so"))
+  return found[0] if found else None
+
+
+def test_wide_instructions_live_only_in_the_isa_namespaces():
+  """One build runs on any x86-64 CPU: only code the run-time dispatch calls
+  after CPUID said yes (tfbs::isa_avx2 / isa_avx512) may hold AVX or
+  AVX-512 instructions; everything else is baseline."""
+  import platform  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import pytest  # pylint: disable=import-outside-toplevel
+  lib = _compiled_library()
+  if lib is None or platform.machine() != "x86_64" or not shutil.which("objdump"):
+    pytest.skip("needs the built x86-64 library and objdump")
+  text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", lib],
+                        capture_output=True, text=True, check=True).stdout
+  wide = re.compile(r"%(ymm|zmm)\d+|%k[1-7]\b")
+  per_function, function = {}, None
+  for line in text.splitlines():
+    head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+    if head:
+      function = head.group(1)
+    elif function and wide.search(line):
+      per_function[function] = per_function.get(function, 0) + 1
+  outside = [f for f in per_function if "isa_avx2" not in f and "isa_avx512" not in f]
+  assert not outside, f"wide instructions outside the ISA namespaces: {outside[:5]}"
+  assert any("isa_avx512" in f and "zmm" in text for f in per_function)
+  assert any("isa_avx2" in f for f in per_function)
