@@ -14,8 +14,9 @@ SGD update. Writes a table to stdout and `rnn.json` / `rnn.png` to
     python benchmarks/rnn.py --full          # the issue's whole grid (long)
     python benchmarks/rnn.py --cells lstm --hidden 1024 --batch 8 --no-train
 
-Timings on a shared machine are noisy: the minimum over `--repeats` runs is
-reported.
+Timings on a shared machine are noisy: within each (cell, hidden, batch) the
+layers take turns for `--repeats` rounds and the median is reported. The
+JSON's "meta" records the CPU, its flags, TF and the kernels' ISA.
 """
 
 import argparse
@@ -28,6 +29,7 @@ import tensorflow as tf
 import tf_keras
 
 import tf_blocksparse as tfbs
+from tf_blocksparse import benchmarking
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DENSE = {"lstm": tf_keras.layers.LSTM, "gru": tf_keras.layers.GRU}
@@ -50,7 +52,7 @@ def parse_args(argv=None):
   p.add_argument("--time", type=int, default=100)
   p.add_argument("--sparsity", type=_floats, default=[0.0, 0.8, 0.9, 0.95])
   p.add_argument("--block", type=int, default=16)
-  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--no-train", action="store_true", help="inference only")
   p.add_argument("--quick", action="store_true", help="tiny smoke run")
   p.add_argument("--full", action="store_true",
@@ -59,7 +61,7 @@ def parse_args(argv=None):
   args = p.parse_args(argv)
   if args.quick:
     args.hidden, args.batch, args.time = [128], [8], 20
-    args.sparsity, args.repeats = [0.0, 0.9], 2
+    args.sparsity, args.repeats = [0.0, 0.9], 3
   if args.full:
     args.hidden, args.batch = [512, 1024, 2048], [1, 8, 32]
   args.cells = args.cells.split(",")
@@ -79,32 +81,80 @@ def block_prune(rng, w, block, sparsity):
   return (w * mask).astype(w.dtype)
 
 
-def timed(fn, repeats):
-  fn()  # trace and warm up
-  best = float("inf")
-  for _ in range(repeats):
+def call_timer(fn):
+  """Traces and warms up `fn`; the result times one more call of it, in ms."""
+  fn()
+
+  def once():
     start = time.perf_counter()
     fn()
-    best = min(best, time.perf_counter() - start)
-  return best * 1e3
+    return (time.perf_counter() - start) * 1e3
+  return once
 
 
-def measure(layer, x, repeats, train):
+def train_step(layer):
+  """A tf.function: forward, backward and an SGD update of the layer."""
+  opt = tf_keras.optimizers.SGD(1e-4)
+
+  @tf.function
+  def step(x):
+    with tf.GradientTape() as tape:
+      loss = tf.reduce_mean(tf.square(layer(x)))
+    grads = tape.gradient(loss, layer.trainable_weights)
+    opt.apply_gradients(zip(grads, layer.trainable_weights))
+    return loss
+  return step
+
+
+def layer_timers(layer, x, train):
   infer = tf.function(lambda x: layer(x))
-  result = {"infer_ms": timed(lambda: infer(x).numpy(), repeats)}
+  timers = {"infer_ms": call_timer(lambda: infer(x).numpy())}
   if train:
-    opt = tf_keras.optimizers.SGD(1e-4)
+    step = train_step(layer)
+    timers["train_ms"] = call_timer(lambda: step(x).numpy())
+  return timers
 
-    @tf.function
-    def step(x):
-      with tf.GradientTape() as tape:
-        loss = tf.reduce_mean(tf.square(layer(x)))
-      grads = tape.gradient(loss, layer.trainable_weights)
-      opt.apply_gradients(zip(grads, layer.trainable_weights))
-      return loss
 
-    result["train_ms"] = timed(lambda: step(x).numpy(), max(1, repeats - 1))
-  return result
+def group_layers(rng, cell, hidden, x, args):
+  """[(impl, sparsity, layer)]: the tf_keras layer, then ours at each sparsity."""
+  dense = DENSE[cell](hidden)
+  dense(x[:, :2])
+  layers = [("tf_keras", 0.0, dense)]
+  weights = dense.get_weights()
+  for sparsity in args.sparsity:
+    pruned = [block_prune(rng, w, args.block, sparsity) if w.ndim == 2
+              else w for w in weights]
+    dense.set_weights(pruned)
+    # At 0% the weights stay dense (as to_block_sparse leaves them):
+    # the fused recurrence still runs, over all blocks.
+    keep = sparsity > 0
+    layers.append(("block_sparse", sparsity, SPARSE[cell].from_dense_layer(
+        dense, args.block, sparse_kernel=keep, sparse_recurrent=keep)))
+  dense.set_weights(weights)  # the converted layers hold copies
+  return layers
+
+
+def run_group(rng, cell, hidden, batch, args):
+  """Rows of one (cell, hidden, batch): all layers timed in interleaved turns.
+
+  Timing tf_keras first and ours after would let the machine's drift
+  between the two show up as a speed-up; taking turns spreads it evenly.
+  """
+  x = tf.constant(rng.standard_normal([batch, args.time, hidden]), tf.float32)
+  layers = group_layers(rng, cell, hidden, x, args)
+  timers = {}
+  for i, (_, _, layer) in enumerate(layers):
+    for key, timer in layer_timers(layer, x, not args.no_train).items():
+      timers[f"{i}/{key}"] = timer
+  medians, _ = benchmarking.interleaved_medians(timers, args.repeats)
+  rows = []
+  for i, (impl, sparsity, _) in enumerate(layers):
+    times = {key: medians[f"{i}/{key}"] for key in ("infer_ms", "train_ms")
+             if f"{i}/{key}" in medians}
+    rows.append(dict(cell=cell, hidden=hidden, batch=batch, impl=impl,
+                     sparsity=sparsity, **times))
+    _print(rows[-1], rows[0])
+  return rows
 
 
 def run(args):
@@ -113,29 +163,7 @@ def run(args):
   for cell in args.cells:
     for hidden in args.hidden:
       for batch in args.batch:
-        x = tf.constant(rng.standard_normal([batch, args.time, hidden]),
-                        tf.float32)
-        dense = DENSE[cell](hidden)
-        dense(x[:, :2])
-        base = measure(dense, x, args.repeats, not args.no_train)
-        rows.append(dict(cell=cell, hidden=hidden, batch=batch,
-                         impl="tf_keras", sparsity=0.0, **base))
-        _print(rows[-1], base)
-        weights = dense.get_weights()
-        for sparsity in args.sparsity:
-          pruned = [block_prune(rng, w, args.block, sparsity) if w.ndim == 2
-                    else w for w in weights]
-          dense.set_weights(pruned)
-          # At 0% the weights stay dense (as to_block_sparse leaves them):
-          # the fused recurrence still runs, over all blocks.
-          keep = sparsity > 0
-          sparse = SPARSE[cell].from_dense_layer(
-              dense, args.block, sparse_kernel=keep, sparse_recurrent=keep)
-          res = measure(sparse, x, args.repeats, not args.no_train)
-          rows.append(dict(cell=cell, hidden=hidden, batch=batch,
-                           impl="block_sparse", sparsity=sparsity, **res))
-          _print(rows[-1], base)
-        dense.set_weights(weights)
+        rows += run_group(rng, cell, hidden, batch, args)
   return rows
 
 
@@ -153,7 +181,7 @@ def _print(row, base):
 def table(rows, meta):
   """A markdown table: times and speed-ups vs tf_keras of the same group."""
   lines = [f"T = {meta['time_steps']}, {meta['block']}x{meta['block']} blocks, "
-           f"min of {meta['repeats']} runs, {meta['cpu_count']} CPU cores "
+           f"median of {meta['repeats']} interleaved runs, {meta['cpu_count']} CPU cores "
            f"({meta['note']})", "",
            "| cell | hidden | batch | layer | sparsity | inference ms | "
            "speed-up | train step ms | speed-up |",
@@ -175,10 +203,12 @@ def table(rows, meta):
 
 def save(rows, args):
   os.makedirs(args.out, exist_ok=True)
-  meta = {"time_steps": args.time, "block": args.block, "repeats": args.repeats,
-          "cpu_count": os.cpu_count(), "tensorflow": tf.__version__,
-          "custom_ops": tfbs.ops.custom_ops_available(),
-          "note": "minimum over repeats; shared 2-core machine, noisy"}
+  # The CPU, its flags and the kernels' ISA: numbers from another machine or
+  # build are not comparable without them.
+  meta = {**benchmarking.machine_meta(),
+          "time_steps": args.time, "block": args.block, "repeats": args.repeats,
+          "cpu_count": os.cpu_count(),
+          "note": "the layers of a group timed in turns"}
   with open(os.path.join(args.out, "rnn.json"), "w") as f:
     json.dump({"meta": meta, "rows": rows}, f, indent=1)
   with open(os.path.join(args.out, "rnn.md"), "w") as f:
@@ -209,6 +239,8 @@ def save(rows, args):
 
 def main(argv=None):
   args = parse_args(argv)
+  # Each layer's functions are traced anew: TF's retracing warnings are noise.
+  tf.get_logger().setLevel("ERROR")
   rows = run(args)
   save(rows, args)
 
