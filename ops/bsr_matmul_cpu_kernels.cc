@@ -61,13 +61,15 @@ constexpr int RowVecBytes() {
   return kRow >= kVecBytes ? kVecBytes : kRow;
 }
 
-// Dense rows kept in registers per tile.
+// Dense rows kept in registers per tile, at most kMaxRows (a divisor of
+// the OpKernel's 48 rows per work unit).
+constexpr int kMaxRows = TFBS_VEC_REGS == 32 ? 12 : 8;
 template <typename T, int kLanes>
 constexpr int RowsPerTile() {
   constexpr int kVec = RowVecBytes<T, kLanes>() / static_cast<int>(sizeof(T));
   constexpr int kVecsPerRow = (kLanes + kVec - 1) / kVec;
   constexpr int kRows = kAccRegs / kVecsPerRow;
-  return kRows < 1 ? 1 : (kRows > 8 ? 8 : kRows);
+  return kRows < 1 ? 1 : (kRows > kMaxRows ? kMaxRows : kRows);
 }
 
 // One tile of kRows dense rows times one group, for blocks [BI, BO].
