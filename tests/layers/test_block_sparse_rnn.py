@@ -146,6 +146,36 @@ def test_gradients_match_tf_keras(kind):
                              rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_masked_backward_gradients_match_tf_keras_in_function(kind):
+  """The training-step gradients (graph mode), masked and go_backwards."""
+  dense = pruned_dense(kind, return_sequences=True, go_backwards=True)
+  sparse = KINDS[kind][1].from_dense_layer(dense, BLOCK)
+  x = tf.constant(inputs())
+  mask = L.Masking().compute_mask(x)
+
+  def gradients(layer, weights):
+    @tf.function
+    def run():
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(layer(x, mask=mask) ** 2)
+      return loss, tape.gradient(loss, [x, *weights])
+    return run()
+
+  cell = sparse.cell
+  loss_s, (g_x, g_rec, g_bias) = gradients(
+      sparse, [cell.recurrent_kernel.values, cell.bias])
+  loss_d, (w_x, w_rec, w_bias) = gradients(
+      dense, [dense.cell.recurrent_kernel, dense.cell.bias])
+  np.testing.assert_allclose(loss_s, loss_d, rtol=1e-5)
+  np.testing.assert_allclose(g_x, w_x, rtol=1e-4, atol=1e-5)
+  want = tfbs.BlockSparseMatrix.from_mask(
+      w_rec, _mask_of(cell.recurrent_kernel.matrix()), BLOCK).values
+  np.testing.assert_allclose(g_rec, want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(g_bias, w_bias, rtol=1e-4, atol=1e-5)
+
+
 def _mask_of(matrix):
   nbr, nbc = matrix.block_grid
   mask = np.zeros([nbr, nbc], bool)

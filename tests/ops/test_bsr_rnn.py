@@ -6,6 +6,7 @@ import tensorflow as tf
 
 import tf_blocksparse as tfbs
 from tf_blocksparse.ops import _loader
+from tf_blocksparse.ops import bsr_rnn
 
 from bsr_testing import PATHS, path_scope, random_block_sparse
 
@@ -134,14 +135,18 @@ def test_float64_and_callable_activation():
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
 
 
-def _dense_loop_loss(kind, x, states, u, rbias, mask, weights):
-  """The loss through a plain dense TF implementation (independent of BSR)."""
-  xs = tf.unstack(x, axis=1)
+def _dense_rnn(kind, x, states, u, rbias, mask, go_backwards=False,
+               zero_out=False):
+  """A plain dense TF recurrence (tf_keras semantics, independent of BSR):
+  returns the outputs, in processing order, and the final states."""
+  xs, ms = tf.unstack(x, axis=1), tf.unstack(tf.constant(mask), axis=1)
+  if go_backwards:
+    xs, ms = xs[::-1], ms[::-1]
   h_units = u.shape[0]
   st = list(states)
   prev = tf.zeros_like(st[0])
   outs = []
-  for t, xt in enumerate(xs):
+  for xt, mt in zip(xs, ms):
     h = st[0]
     if kind == "lstm":
       i, f, g, o = tf.split(xt + h @ u, 4, axis=1)
@@ -157,14 +162,22 @@ def _dense_loop_loss(kind, x, states, u, rbias, mask, weights):
       hh = (tf.tanh(xh + r * rh) if kind == "gru"
             else tf.tanh(xh + (r * h) @ u[:, 2 * h_units:]))
       new = [z * h + (1 - z) * hh]
-    keep = mask[:, t][:, None]
-    out = tf.where(keep, new[0], prev)
+    keep = mt[:, None]
+    out = tf.where(keep, new[0], tf.zeros_like(prev) if zero_out else prev)
     st = [tf.where(keep, n, s) for n, s in zip(new, st)]
     prev = out
     outs.append(out)
-  out = tf.stack(outs, axis=1)
+  return tf.stack(outs, axis=1), st
+
+
+def _weighted_sum(out, states, weights):
   return tf.reduce_sum(out * weights[0]) + sum(
-      tf.reduce_sum(s * w) for s, w in zip(st, weights[1:]))
+      tf.reduce_sum(s * w) for s, w in zip(states, weights[1:]))
+
+
+def _dense_loop_loss(kind, x, states, u, rbias, mask, weights):
+  """The loss through a plain dense TF implementation (independent of BSR)."""
+  return _weighted_sum(*_dense_rnn(kind, x, states, u, rbias, mask), weights)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -203,6 +216,109 @@ def test_gradients_match_dense_autodiff(path, kind):
                              atol=1e-5)
   if rb is not None:
     np.testing.assert_allclose(got[-1], want[-1], rtol=1e-4, atol=1e-5)
+
+
+# The gradient recomputes the loop with BSR products (the kernels or the
+# pure-TF ones) or, for mostly dense matrices, with dense GEMMs, and takes
+# the values gradient in one product over the whole sequence (the same two
+# ways). The instruction sets are tested with the products themselves, so
+# the compiled path runs only with the one the dispatch picks ("custom").
+GRAD_VARIANTS = [("fallback", "bsr")]
+if any(path.startswith("custom") for path in PATHS):
+  GRAD_VARIANTS += [("custom", "bsr"), ("custom", "dense")]
+
+
+@pytest.mark.parametrize("path,route", GRAD_VARIANTS)
+@pytest.mark.parametrize("kind", sorted(GATES))
+@pytest.mark.parametrize("go_backwards,zero_out,units,block", [
+    (True, False, 12, (4, 4)), (False, True, 10, (8, 4))])  # 10: edge blocks
+def test_all_gradients_match_dense_loop(monkeypatch, path, route, kind,
+                                        go_backwards, zero_out, units, block):
+  """d values, d x_proj, d h0 (, d c0, d recurrent_bias) in a tf.function
+  against the dense loop over `to_dense()`, masked, in both directions."""
+  min_density = 0.0 if route == "dense" else 2.0
+  monkeypatch.setattr(bsr_rnn, "_DENSE_VALUES_GRAD_MIN_DENSITY", min_density)
+  monkeypatch.setattr(bsr_rnn, "_DENSE_STEPS_MIN_DENSITY", min_density)
+  u, x, states, mask, rbias = _case(kind, units, block, seed=8, time=5)
+  rec = tfbs.BlockSparseMatrix.from_dense(u, block)
+  rng = np.random.default_rng(9)
+  weights = [rng.standard_normal([3, 5, units]).astype(np.float32)] + [
+      rng.standard_normal([3, units]).astype(np.float32) for _ in states]
+  sources = [tf.constant(x), *map(tf.constant, states), rec.values]
+  if rbias is not None:
+    sources.append(tf.constant(rbias))
+  options = dict(mask=mask, go_backwards=go_backwards,
+                 zero_output_for_mask=zero_out)
+
+  def split(args):
+    n = len(states)
+    rb = args[n + 2] if rbias is not None else None
+    return args[0], list(args[1:n + 1]), args[n + 1], rb
+
+  def ours(*args):
+    x, st, values, rb = split(args)
+    out, got = _run(kind, x, st, rec.with_values(values), rb, **options)
+    return _weighted_sum(out, got, weights)
+
+  def dense(*args):
+    x, st, values, rb = split(args)
+    u = rec.with_values(values).to_dense()
+    return _weighted_sum(*_dense_rnn(kind, x, st, u, rb, mask, go_backwards,
+                                     zero_out), weights)
+
+  def gradients(fn):
+    with tf.GradientTape() as tape:
+      tape.watch(sources)
+      loss = fn(*sources)
+    return loss, tape.gradient(loss, sources)
+
+  with path_scope(path):
+    loss, got = tf.function(lambda: gradients(ours))()
+  want_loss, want = gradients(dense)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  names = ["x_proj", "h0", "c0"][:len(states) + 1] + ["values", "bias"]
+  for name, g, w in zip(names, got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("kind,route", [("lstm", "bsr"),
+                                        ("gru_before", "dense")])
+def test_second_derivatives_match_dense_loop(monkeypatch, kind, route):
+  """Nothing in the gradient is stopped: a gradient penalty's gradient for
+  the block values is that of the dense loop."""
+  min_density = 0.0 if route == "dense" else 2.0
+  monkeypatch.setattr(bsr_rnn, "_DENSE_VALUES_GRAD_MIN_DENSITY", min_density)
+  monkeypatch.setattr(bsr_rnn, "_DENSE_STEPS_MIN_DENSITY", min_density)
+  u, x, states, mask, _ = _case(kind, 8, (4, 4), seed=11, time=3)
+  rec = tfbs.BlockSparseMatrix.from_dense(u, 4)
+  x = tf.constant(x)
+
+  def penalty_grad(run):
+    with tf.GradientTape() as outer:
+      outer.watch(rec.values)
+      with tf.GradientTape() as inner:
+        inner.watch(x)
+        out, _ = run(rec.with_values(rec.values))
+        loss = tf.reduce_sum(out ** 2)
+      penalty = tf.reduce_sum(inner.gradient(loss, x) ** 2)
+    return outer.gradient(penalty, rec.values)
+
+  got = tf.function(lambda: penalty_grad(
+      lambda m: _run(kind, x, states, m, mask=mask)))()
+  want = penalty_grad(lambda m: _dense_rnn(kind, x, states, m.to_dense(),
+                                           None, mask))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_values_gradient_of_an_empty_matrix():
+  u, x, states, mask, _ = _case("lstm", 8, (4, 4), seed=10, time=3)
+  rec = tfbs.BlockSparseMatrix.from_dense(np.zeros_like(u), 4)
+  for path in PATHS:
+    with path_scope(path), tf.GradientTape() as tape:
+      tape.watch(rec.values)
+      out, _, _ = tfbs.ops.lstm_sequence(x, *states, rec, mask=mask)
+      loss = tf.reduce_sum(out)
+    assert tape.gradient(loss, rec.values).shape == (0, 4, 4)
 
 
 def _block_mask(u, b):

@@ -11,10 +11,13 @@ h). The compiled ops run the time loop in C++: per step one BSR product
 Gradients: the compiled ops have no backward kernel. Their gradient is
 defined (`tf.custom_gradient`) by recomputing the same recurrence as a
 differentiable TF loop of `bsr_matmul` steps and differentiating that, so
-gradients are exactly those of the TF loop, at the cost of a second
-forward pass when training. Without the compiled library, with an
+gradients are exactly those of the TF loop (higher orders included), at
+the cost of a second forward pass when training. The gradient for the
+recurrent block values is taken once for the whole sequence, one product
+with M = time * batch, rather than once per step. Without the compiled
+library the TF loop runs forward, with the same gradient; with an
 activation that has no fused kernel (any callable) or a dtype other than
-float32/float64, the TF loop runs directly.
+float32/float64, the TF loop runs and TF differentiates it directly.
 
 Semantics follow `tf_keras.backend.rnn`: a masked step (mask False) keeps
 the states and outputs the previous step's output (zeros with
@@ -27,6 +30,7 @@ import tensorflow as tf
 from tf_blocksparse.bsr import validation
 from tf_blocksparse.bsr.matrix import BlockSparseMatrix
 from tf_blocksparse.ops import _loader
+from tf_blocksparse.ops import fallback
 from tf_blocksparse.ops.bsr_matmul import bsr_matmul
 
 # Activations with a fused C++ version, by their tf_keras names.
@@ -92,29 +96,25 @@ def lstm_sequence(x_proj, h0, c0, recurrent, mask=None, activation="tanh",
     x_proj, states, mask = _check_inputs("lstm", 4, x_proj, [h0, c0],
                                          recurrent, mask)
     acts = (activation, recurrent_activation)
-    options = dict(go_backwards=go_backwards,
+    options = dict(mask=mask, go_backwards=go_backwards,
                    zero_output_for_mask=zero_output_for_mask)
-    lib = _fused_library(x_proj.dtype, acts)
 
-    def reference(x, h, c, values):
-      step = _lstm_step(recurrent.with_values(values),
-                        _activation_fn(activation),
+    def loop(values, x, h, c, probes=()):
+      matrix = recurrent.with_values(values)
+      step = _lstm_step(matrix, _activation_fn(activation),
                         _activation_fn(recurrent_activation))
-      return _loop(step, x, [h, c], mask, **options)
+      return _loop(step, x, [h, c], probes=probes, recurrent=matrix,
+                   **options)
 
-    if lib is None:
-      out, (h, c) = reference(x_proj, *states, recurrent.values)
-      return out, h, c
-
-    def fused(x, h, c, values):
+    def fused(lib, values, x, h, c):
       return lib.tfbs_bsr_lstm_sequence(
           x, h, c, _op_mask(mask), values, recurrent.col_indices,
           recurrent.row_ptr, _dense_shape(recurrent), activation=activation,
-          recurrent_activation=recurrent_activation, **options)
+          recurrent_activation=recurrent_activation,
+          go_backwards=go_backwards, zero_output_for_mask=zero_output_for_mask)
 
-    return _with_reference_gradient(
-        fused, lambda *a: _flat(reference(*a)),
-        [x_proj, *states, tf.convert_to_tensor(recurrent.values)])
+    out, h, c = _sequence(loop, fused, recurrent, [x_proj, *states], acts)
+    return out, h, c
 
 
 def gru_sequence(x_proj, h0, recurrent, recurrent_bias=None, mask=None,
@@ -156,34 +156,31 @@ def gru_sequence(x_proj, h0, recurrent, recurrent_bias=None, mask=None,
             f"recurrent_bias must have shape [{3 * units}], got "
             f"{recurrent_bias.shape}")
     acts = (activation, recurrent_activation)
-    options = dict(go_backwards=go_backwards,
+    options = dict(mask=mask, go_backwards=go_backwards,
                    zero_output_for_mask=zero_output_for_mask)
-    lib = _fused_library(x_proj.dtype, acts)
-    has_bias = recurrent_bias is not None
 
-    def reference(x, h, values, *bias):
-      step = _gru_step(recurrent.with_values(values), bias[0] if bias else None,
+    def loop(values, x, h, *bias, probes=()):
+      matrix = recurrent.with_values(values)
+      step = _gru_step(matrix, bias[0] if bias else None,
                        _activation_fn(activation),
                        _activation_fn(recurrent_activation), reset_after)
-      return _loop(step, x, [h], mask, **options)
+      return _loop(step, x, [h], probes=probes, recurrent=matrix, **options)
 
-    diff = [x_proj, *states, tf.convert_to_tensor(recurrent.values)]
-    if has_bias:
-      diff.append(recurrent_bias)
-    if lib is None:
-      out, (h,) = reference(*diff)
-      return out, h
-
-    def fused(x, h, values, *bias):
+    def fused(lib, values, x, h, *bias):
       return lib.tfbs_bsr_gru_sequence(
           x, h, _op_mask(mask), bias[0] if bias else tf.zeros([0], x.dtype),
           values, recurrent.col_indices, recurrent.row_ptr,
           _dense_shape(recurrent), activation=activation,
           recurrent_activation=recurrent_activation, reset_after=reset_after,
-          **options)
+          go_backwards=go_backwards, zero_output_for_mask=zero_output_for_mask)
 
-    return _with_reference_gradient(fused, lambda *a: _flat(reference(*a)),
-                                    diff)
+    inputs = [x_proj, *states]
+    if recurrent_bias is not None:
+      inputs.append(recurrent_bias)
+    # Without reset_after a step has a second product, (r * h) @ U.
+    out, h = _sequence(loop, fused, recurrent, inputs, acts,
+                       products=1 if reset_after else 2)
+    return out, h
 
 
 def simple_rnn_sequence(x_proj, h0, recurrent, mask=None, activation="tanh",
@@ -205,28 +202,23 @@ def simple_rnn_sequence(x_proj, h0, recurrent, mask=None, activation="tanh",
   with tf.name_scope(name or "bsr_simple_rnn_sequence"):
     x_proj, states, mask = _check_inputs("simple_rnn", 1, x_proj, [h0],
                                          recurrent, mask)
-    options = dict(go_backwards=go_backwards,
+    options = dict(mask=mask, go_backwards=go_backwards,
                    zero_output_for_mask=zero_output_for_mask)
-    lib = _fused_library(x_proj.dtype, (activation,))
 
-    def reference(x, h, values):
-      step = _simple_step(recurrent.with_values(values),
-                          _activation_fn(activation))
-      return _loop(step, x, [h], mask, **options)
+    def loop(values, x, h, probes=()):
+      matrix = recurrent.with_values(values)
+      step = _simple_step(matrix, _activation_fn(activation))
+      return _loop(step, x, [h], probes=probes, recurrent=matrix, **options)
 
-    if lib is None:
-      out, (h,) = reference(x_proj, *states, recurrent.values)
-      return out, h
-
-    def fused(x, h, values):
+    def fused(lib, values, x, h):
       return lib.tfbs_bsr_simple_rnn_sequence(
           x, h, _op_mask(mask), values, recurrent.col_indices,
           recurrent.row_ptr, _dense_shape(recurrent), activation=activation,
-          **options)
+          go_backwards=go_backwards, zero_output_for_mask=zero_output_for_mask)
 
-    return _with_reference_gradient(
-        fused, lambda *a: _flat(reference(*a)),
-        [x_proj, *states, tf.convert_to_tensor(recurrent.values)])
+    out, h = _sequence(loop, fused, recurrent, [x_proj, *states],
+                       (activation,))
+    return out, h
 
 
 def fused_kernels_available(dtype=tf.float32, activations=("tanh", "sigmoid")):
@@ -284,12 +276,13 @@ def _check_inputs(kind, gates, x_proj, states, recurrent, mask):
   return x_proj, checked, mask
 
 
+def _fusable(dtype, activations):
+  return dtype in _KERNEL_DTYPES and all(
+      isinstance(a, str) and a in FUSED_ACTIVATIONS for a in activations)
+
+
 def _fused_library(dtype, activations):
-  if dtype not in _KERNEL_DTYPES:
-    return None
-  if not all(isinstance(a, str) and a in FUSED_ACTIVATIONS for a in activations):
-    return None
-  return _loader.library()
+  return _loader.library() if _fusable(dtype, activations) else None
 
 
 def _op_mask(mask):
@@ -301,68 +294,196 @@ def _dense_shape(matrix):
 
 
 def _flat(result):
-  outputs, states = result
+  outputs, states = result[:2]
   return (outputs, *states)
 
 
-# --- gradient through the TF loop ---------------------------------------------
+# --- running and differentiating a sequence -----------------------------------
 
 
-def _with_reference_gradient(fused, reference, inputs):
-  """Runs `fused(*inputs)`; its gradient is that of `reference(*inputs)`."""
+def _sequence(loop, fused, recurrent, inputs, activations, products=1):
+  """Runs `fused(lib, values, *inputs)`, or the TF `loop` without the library.
+
+  `loop(values, *inputs, probes=())` is the differentiable recurrence (see
+  `_loop`); `products` is the number of recurrent products in one step.
+  Returns `(outputs, *final_states)`.
+  """
+  values = tf.convert_to_tensor(recurrent.values)
+  if not _fusable(values.dtype, activations):
+    # A callable (which may hold variables) or a half type: plain autodiff.
+    return _flat(loop(values, *inputs))
+  lib = _loader.library()
+  if lib is None:
+    forward = lambda *args: _flat(loop(*args))
+  else:
+    forward = lambda *args: fused(lib, *args)
+  return _with_sequence_gradient(forward, loop, recurrent, values, inputs,
+                                 products, custom=lib is not None)
+
+
+def _with_sequence_gradient(forward, loop, recurrent, values, inputs,
+                            products, custom):
+  """Runs `forward(values, *inputs)`, with the gradient of the TF `loop`.
+
+  Differentiating every step's product for the block values would run one
+  values-gradient over all blocks per step, with M = batch. Instead the
+  recomputed loop adds a zero probe to each product (the probes' gradients
+  are then the products' upstream gradients dZ_t) and records each
+  product's left operand, and the tape does not watch the values (graph
+  mode then prunes the per-step values-gradient ops; eager mode still runs
+  them); the values gradient is one product over the whole sequence,
+  `lhs^T dZ` with M = products * time * batch. Nothing is stopped, so an
+  outer tape still sees the whole computation (higher derivatives).
+  """
 
   @tf.custom_gradient
-  def run(*args):
-    results = fused(*args)
+  def run(values, *inputs):
+    results = forward(values, *inputs)
 
     def grad(*upstream):
       upstream = [tf.zeros_like(r) if u is None else u
                   for u, r in zip(upstream, results)]
-      with tf.GradientTape() as tape:
-        tape.watch(args)
-        recomputed = reference(*args)
-      return tape.gradient(recomputed, args, output_gradients=upstream,
-                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
+      # The path the forward pass took, even if the gradient is taken
+      # outside its `use_custom_ops` block.
+      with _loader.use_custom_ops(custom):
+        return _sequence_grads(loop, recurrent.with_values(values), inputs,
+                               upstream, products)
 
     return tuple(results), grad
 
-  return run(*inputs)
+  return run(values, *inputs)
+
+
+def _sequence_grads(loop, matrix, inputs, upstream, products):
+  """Gradients `[d values, *d inputs]` of `loop`'s results for `upstream`."""
+  x = inputs[0]
+  units, width = matrix.shape
+  probe_shape = [tf.shape(x)[1], tf.shape(x)[0], width]  # [time, batch, N]
+  probes = [tf.zeros(probe_shape, x.dtype) for _ in range(products)]
+  with tf.GradientTape() as tape:
+    tape.watch([inputs, probes])
+    outputs, states, taps = loop(matrix.values, *inputs, probes=probes)
+  grads = tape.gradient(_flat((outputs, states)), [*inputs, *probes],
+                        output_gradients=upstream,
+                        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+  d_products = tf.concat(
+      [tf.reshape(g, [-1, width]) for g in grads[len(inputs):]], axis=0)
+  lhs = tf.concat([tf.reshape(t, [-1, units]) for t in taps], axis=0)
+  return [_values_grad(lhs, d_products, matrix), *grads[:len(inputs)]]
+
+
+def _values_grad(x, dy, matrix):
+  """d(x @ W)/d values for the upstream `dy`, `[nnzb, bh, bw]`."""
+  lib = _loader.library()
+  if lib is None or _dense_is_faster(matrix, _DENSE_VALUES_GRAD_MIN_DENSITY):
+    return fallback.bsr_values_grad_2d(x, dy, matrix)
+  return lib.tfbs_bsr_matmul_values_grad(x, dy, matrix.values,
+                                         matrix.col_indices, matrix.row_ptr,
+                                         _dense_shape(matrix))
+
+
+def _recomputed_product(matrix):
+  """`lhs -> lhs @ matrix` for the loop that the gradient differentiates."""
+  if _dense_is_faster(matrix, _DENSE_STEPS_MIN_DENSITY):
+    dense = matrix.to_dense()
+    return lambda lhs: tf.matmul(lhs, dense)
+  return lambda lhs: bsr_matmul(lhs, matrix)
+
+
+# Where one dense GEMM beats the BSR kernels, by the fraction of blocks
+# stored; measured on 2 CPU cores (1024 x 3072 and 1024 x 4096, 16 x 16
+# blocks), revisit when the kernels change. The values gradient over a
+# sequence (M = batch * time): the compiled kernel runs at about 1/2 to 1/4
+# of the rate of a dense `x^T dy`, so the dense product wins above ~30 %.
+_DENSE_VALUES_GRAD_MIN_DENSITY = 0.3
+# One step's `h @ U` and `dz @ U^T` (M = batch): dense wins above ~70 %
+# (at 100 %, the layers' dense recurrent kernels, it takes half the time).
+_DENSE_STEPS_MIN_DENSITY = 0.75
+# The dense route needs a [K, N] temporary: not for very large matrices.
+_DENSE_MAX_SIZE = 1 << 26
+
+
+def _dense_is_faster(matrix, min_density):
+  (k, n), nnzb = matrix.shape, matrix.values.shape[0]
+  if nnzb is None or k * n > _DENSE_MAX_SIZE:
+    return False
+  nbr, nbc = matrix.block_grid
+  return nnzb >= min_density * nbr * nbc
 
 
 # --- the differentiable TF loop -----------------------------------------------
 
 
-def _loop(step, x_proj, states, mask, go_backwards, zero_output_for_mask):
+def _loop(step, x_proj, states, mask, go_backwards, zero_output_for_mask,
+          probes=(), recurrent=None):
   """`tf_keras.backend.rnn` semantics over projected inputs; returns
-  `(outputs [batch, time, units], final states)`."""
+  `(outputs [batch, time, units], final states)`.
+
+  With `probes` (one `[time, batch, N]` tensor per recurrent product of a
+  step, in processing order) each product `lhs @ recurrent` gets
+  `probes[k][t]` added and its `lhs` is recorded: then also returns these,
+  `[time, batch, K]` each.
+  """
   xs = tf.transpose(x_proj, [1, 0, 2])
   ms = None if mask is None else tf.transpose(mask, [1, 0])
   if go_backwards:
     xs = tf.reverse(xs, [0])
     ms = None if ms is None else tf.reverse(ms, [0])
   time = tf.shape(xs)[0]
-  out_ta = tf.TensorArray(x_proj.dtype, size=time, element_shape=states[0].shape)
+  # Steps read their slices from TensorArrays: the gradient of a slice
+  # `xs[t]` taken inside the loop is a dense [time, ...] tensor per step.
+  x_ta = _unstacked(xs)
+  probe_tas = [_unstacked(p) for p in probes]
+  product = _recomputed_product(recurrent) if probes else None
+  out_ta, *tap_tas = [
+      tf.TensorArray(x_proj.dtype, size=time, element_shape=states[0].shape)
+      for _ in range(1 + len(probes))]
   prev_out = tf.zeros_like(states[0])
 
-  def body(t, out_ta, prev_out, states):
-    out, new_states = step(xs[t], states)
+  def body(t, out_ta, prev_out, states, tap_tas):
+    taps = []
+
+    def probed_product(lhs):
+      taps.append(lhs)
+      return product(lhs) + probe_tas[len(taps) - 1].read(t)
+
+    out, new_states = step(x_ta.read(t), states,
+                           probed_product if probes else None)
+    if len(taps) != len(probes):
+      raise AssertionError(f"{len(taps)} recurrent products in a step, "
+                           f"{len(probes)} probes")
     if ms is not None:
       keep = ms[t][:, None]
       new_states = [tf.where(keep, n, o) for n, o in zip(new_states, states)]
       fill = tf.zeros_like(out) if zero_output_for_mask else prev_out
       out = tf.where(keep, out, fill)
-    return t + 1, out_ta.write(t, out), out, new_states
+    tap_tas = [ta.write(t, lhs) for ta, lhs in zip(tap_tas, taps)]
+    return t + 1, out_ta.write(t, out), out, new_states, tap_tas
 
-  _, out_ta, _, states = tf.while_loop(
-      lambda t, *_: t < time, body, (0, out_ta, prev_out, list(states)))
+  _, out_ta, _, states, tap_tas = tf.while_loop(
+      lambda t, *_: t < time, body,
+      (0, out_ta, prev_out, list(states), tap_tas))
   outputs = tf.transpose(out_ta.stack(), [1, 0, 2])
+  if probes:
+    return outputs, states, [ta.stack() for ta in tap_tas]
   return outputs, states
 
 
+def _unstacked(tensor):
+  return tf.TensorArray(tensor.dtype, size=tf.shape(tensor)[0],
+                        element_shape=tensor.shape[1:]).unstack(tensor)
+
+
+def _product(recurrent, product):
+  """`product`, or by default `lhs @ recurrent`."""
+  return product or (lambda lhs: bsr_matmul(lhs, recurrent))
+
+
 def _lstm_step(recurrent, activation, recurrent_activation):
-  def step(x_t, states):
+  def step(x_t, states, product=None):
+    product = _product(recurrent, product)
     h, c = states
-    z = x_t + bsr_matmul(h, recurrent)
+    z = x_t + product(h)
     z_i, z_f, z_c, z_o = tf.split(z, 4, axis=1)
     c = (recurrent_activation(z_f) * c
          + recurrent_activation(z_i) * activation(z_c))
@@ -375,10 +496,11 @@ def _gru_step(recurrent, recurrent_bias, activation, recurrent_activation,
               reset_after):
   units = recurrent.shape[0]
 
-  def step(x_t, states):
+  def step(x_t, states, product=None):
+    product = _product(recurrent, product)
     (h,) = states
     x_z, x_r, x_h = tf.split(x_t, 3, axis=1)
-    inner = bsr_matmul(h, recurrent)
+    inner = product(h)
     if recurrent_bias is not None:
       inner = inner + recurrent_bias
     r_z, r_r, r_h = tf.split(inner, 3, axis=1)
@@ -388,15 +510,16 @@ def _gru_step(recurrent, recurrent_bias, activation, recurrent_activation,
       hh = activation(x_h + r * r_h)
     else:
       # (r * h) @ U_h: the product over all gates, keeping the h columns.
-      hh = activation(x_h + bsr_matmul(r * h, recurrent)[:, 2 * units:])
+      hh = activation(x_h + product(r * h)[:, 2 * units:])
     h = z * h + (1 - z) * hh
     return h, [h]
   return step
 
 
 def _simple_step(recurrent, activation):
-  def step(x_t, states):
+  def step(x_t, states, product=None):
+    product = _product(recurrent, product)
     (h,) = states
-    h = activation(x_t + bsr_matmul(h, recurrent))
+    h = activation(x_t + product(h))
     return h, [h]
   return step
