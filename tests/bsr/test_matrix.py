@@ -187,3 +187,37 @@ def test_travels_as_keras_layer_weights(tmp_path):
   cols_after = layer.cols.numpy()
   np.testing.assert_array_equal(cols_after, m.col_indices.numpy())
   assert not np.allclose(layer.values.numpy(), m.values.numpy())
+
+
+def test_checked_layout_constructor_builds_the_same_value():
+  """The internal constructor that skips `__validate__` (for layouts checked
+  before) gives what `__init__` gives: fields, spec, nest, tf.function."""
+  rng = np.random.default_rng(6)
+  dense, _ = random_block_sparse(rng, 20, 12, (4, 4), density=0.5)
+  m = tfbs.BlockSparseMatrix.from_dense(dense, 4)
+  values = tf.Variable(m.values)
+  fast = tfbs.BlockSparseMatrix._from_checked_layout(  # pylint: disable=protected-access
+      values, m.col_indices, m.row_ptr, [20, 12])
+  slow = tfbs.BlockSparseMatrix(values, m.col_indices, m.row_ptr, (20, 12))
+  assert fast.shape == (20, 12) and isinstance(fast.values, tf.Tensor)
+  assert tf.type_spec_from_value(fast) == tf.type_spec_from_value(slow)
+  for a, b in zip(tf.nest.flatten(fast, expand_composites=True),
+                  tf.nest.flatten(slow, expand_composites=True)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(tf.function(lambda mat: mat.to_dense())(fast), dense)
+
+
+@pytest.mark.parametrize("custom", [True, False])
+@pytest.mark.parametrize("values_shape,cols,row_ptr,shape,message", BAD_COMPONENTS[:7])
+def test_malformed_components_are_rejected_inside_tf_function(
+    custom, values_shape, cols, row_ptr, shape, message):
+  """Inside a graph the index checks run with the product, in both paths."""
+  @tf.function
+  def apply(values, cols, row_ptr):
+    m = tfbs.BlockSparseMatrix(values, cols, row_ptr, shape)
+    return tfbs.ops.bsr_matmul(tf.ones([2, shape[0]]), m)
+
+  # The path is fixed when tracing, so each test traces its own function.
+  with tfbs.ops.use_custom_ops(custom), pytest.raises(tf.errors.InvalidArgumentError):
+    apply(tf.ones(values_shape), tf.constant(cols, tf.int32),
+          tf.constant(row_ptr, tf.int32))

@@ -50,9 +50,29 @@ class BlockSparseMatrix(tf.experimental.ExtensionType):
     validation.check_static(self.values, self.col_indices, self.row_ptr,
                             self.shape)
     if tf.executing_eagerly():
-      validation.check_numpy(int(tf.shape(self.values)[0]),
+      # Eager shapes are always static: no shape op for the block count.
+      validation.check_numpy(int(self.values.shape[0]),
                              self.col_indices.numpy(), self.row_ptr.numpy(),
                              self.shape, self.block_size)
+
+  @classmethod
+  def _from_checked_layout(cls, values, col_indices, row_ptr, shape):
+    """Builds a matrix without `__validate__`, for layouts checked before.
+
+    The eager checks copy the indices to the host, which costs more than a
+    small product; callers whose layout was validated when it was set (a
+    layer's layout variables, a matrix's own layout under new values) skip
+    them on every call. The compiled kernels and the fallback's graph
+    assertions check the layout again wherever it is multiplied, so a
+    layout that was changed behind our back still fails there. Fields are
+    converted as `__init__` would, in declaration order (the `TypeSpec`
+    follows it), the way `TypeSpec._from_components` builds a value.
+    """
+    matrix = object.__new__(cls)
+    matrix.__dict__.update(
+        values=_as_tensor(values), col_indices=_as_tensor(col_indices),
+        row_ptr=_as_tensor(row_ptr), shape=(int(shape[0]), int(shape[1])))
+    return matrix
 
   @property
   def block_size(self):
@@ -149,6 +169,11 @@ class BlockSparseMatrix(tf.experimental.ExtensionType):
   def numpy_components(self):
     """`(values, col_indices, row_ptr)` as numpy arrays (eager only)."""
     return (self.values.numpy(), self.col_indices.numpy(), self.row_ptr.numpy())
+
+
+def _as_tensor(value):
+  # convert_to_tensor of a tensor is the tensor, but costs a dispatch.
+  return value if isinstance(value, tf.Tensor) else tf.convert_to_tensor(value)
 
 
 def _blocks_of(dense, bh, bw):

@@ -8,6 +8,8 @@ layer config (`*_blocks`), so a layer rebuilt from its config has variables
 of the saved shapes and loading the weights restores the layout.
 """
 
+import functools
+
 import numpy as np
 import tensorflow as tf
 import tf_keras
@@ -94,11 +96,33 @@ class BsrWeight:
     self.row_ptr = layer.add_weight(
         f"{name}_row_ptr", shape=(len(row_ptr),), dtype=tf.int32,
         initializer=tf_keras.initializers.Constant(row_ptr), trainable=False)
+    # Plain variables (no distribution wrapper) can be read by their handle.
+    self._layout_by_handle = all(type(v).__name__ == "ResourceVariable"
+                                 for v in (self.col_indices, self.row_ptr))
 
   def matrix(self):
     """The `BlockSparseMatrix` over the current variable values."""
     return BlockSparseMatrix(self.values, self.col_indices, self.row_ptr,
                              self.shape)
+
+  def product_matrix(self):
+    """`matrix()` without the eager host-side layout checks, for products.
+
+    The layout was checked when it was set (`assign`; the initial spread is
+    valid by construction), and the products check it again in their
+    kernels or graph assertions, so a call need not copy the indices to the
+    host to check them. Only for inputs of `bsr_matmul` and the fused ops:
+    other uses (`to_dense`) rely on a validated matrix.
+    """
+    col_indices, row_ptr = self.col_indices, self.row_ptr
+    if self._layout_by_handle and tf.executing_eagerly():
+      # The layout is not differentiated: a bare read skips the tape and
+      # conversion machinery, which costs about as much as the read itself.
+      col_indices, row_ptr = (
+          tf.raw_ops.ReadVariableOp(resource=v.handle, dtype=tf.int32)
+          for v in (col_indices, row_ptr))
+    return BlockSparseMatrix._from_checked_layout(  # pylint: disable=protected-access
+        self.values, col_indices, row_ptr, self.shape)
 
   def assign(self, matrix):
     """Copies a `BlockSparseMatrix` with the same number of blocks in."""
@@ -107,6 +131,9 @@ class BsrWeight:
     if values.shape != tuple(self.values.shape):
       raise ValueError(f"expected values of shape {tuple(self.values.shape)}, "
                        f"got {values.shape}")
+    # Once here rather than on every call: calls trust the stored layout.
+    validation.check_numpy(values.shape[0], col_indices, row_ptr, self.shape,
+                           self.block_size)
     self.values.assign(values)
     self.col_indices.assign(col_indices)
     self.row_ptr.assign(row_ptr)
@@ -125,16 +152,27 @@ def full_layout(dense, block_size):
   values = tf.reshape(
       tf.transpose(tf.reshape(padded, [nbr, bh, nbc, bw]), [0, 2, 1, 3]),
       [nbr * nbc, bh, bw])
-  col_indices = tf.constant(np.tile(np.arange(nbc, dtype=np.int32), nbr))
-  row_ptr = tf.constant(np.arange(nbr + 1, dtype=np.int32) * nbc)
-  return BlockSparseMatrix(values, col_indices, row_ptr, (k, n))
+  col_indices, row_ptr = _full_indices(nbr, nbc)
+  # Valid by construction: no need for the host-side checks of __init__.
+  return BlockSparseMatrix._from_checked_layout(  # pylint: disable=protected-access
+      values, col_indices, row_ptr, (k, n))
+
+
+@functools.lru_cache(maxsize=64)
+def _full_indices(nbr, nbc):
+  """`col_indices`, `row_ptr` of a full block grid, built once per grid."""
+  col_indices = np.tile(np.arange(nbc, dtype=np.int32), nbr)
+  row_ptr = np.arange(nbr + 1, dtype=np.int32) * nbc
+  for a in (col_indices, row_ptr):
+    a.setflags(write=False)  # shared between calls
+  return col_indices, row_ptr
 
 
 def matmul(x, weight):
   """`x @ W` for `x [..., K]` and a dense tensor or `BsrWeight`."""
   from tf_blocksparse.ops import bsr_matmul  # pylint: disable=import-outside-toplevel
   if isinstance(weight, BsrWeight):
-    return bsr_matmul(x, weight.matrix())
+    return bsr_matmul(x, weight.product_matrix())
   w = tf.convert_to_tensor(weight)
   if x.shape.rank == 2:
     return tf.matmul(x, w)

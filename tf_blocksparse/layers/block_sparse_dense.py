@@ -91,7 +91,9 @@ class BlockSparseDense(tf_keras.layers.Layer):
     if isinstance(inputs, (tf.RaggedTensor, tf.SparseTensor)):
       raise TypeError(f"{type(self).__name__} takes dense inputs, got a "
                       f"{type(inputs).__name__}; convert it with .to_tensor()")
-    inputs = tf.convert_to_tensor(inputs, self.compute_dtype)
+    dtype = self.compute_dtype
+    if not (isinstance(inputs, tf.Tensor) and inputs.dtype == dtype):
+      inputs = tf.convert_to_tensor(inputs, dtype)  # (a dispatch per call)
     outputs = _bsr_weights.matmul(inputs, self.kernel)
     if self.use_bias:
       outputs = tf.nn.bias_add(outputs, self.bias)

@@ -129,7 +129,7 @@ class _BlockSparseCell(tf_keras.layers.Layer):
   def recurrent_matrix(self):
     """The recurrent kernel as a `BlockSparseMatrix` (all blocks if dense)."""
     if isinstance(self.recurrent_kernel, _bsr_weights.BsrWeight):
-      return self.recurrent_kernel.matrix()
+      return self.recurrent_kernel.product_matrix()  # only multiplied
     return _bsr_weights.full_layout(
         tf.convert_to_tensor(self.recurrent_kernel), self.block_size)
 

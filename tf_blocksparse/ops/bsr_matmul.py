@@ -8,8 +8,9 @@ from tf_blocksparse.ops import _loader
 from tf_blocksparse.ops import fallback
 
 # The kernels compute in float32/float64; half types are widened around them.
-_KERNEL_DTYPES = (tf.float32, tf.float64)
-_WIDENED_DTYPES = (tf.float16, tf.bfloat16)
+# (Sets: a tuple's `in` runs DType.__eq__, a cost on every eager call.)
+_KERNEL_DTYPES = frozenset({tf.float32, tf.float64})
+_WIDENED_DTYPES = frozenset({tf.float16, tf.bfloat16})
 
 
 def bsr_matmul(x, matrix, name=None):
@@ -43,35 +44,69 @@ def bsr_matmul(x, matrix, name=None):
   """
   if not isinstance(matrix, BlockSparseMatrix):
     raise TypeError(f"matrix must be a BlockSparseMatrix, got {type(matrix).__name__}")
+  if tf.executing_eagerly():  # a name scope names nothing eagerly
+    return _bsr_matmul(x, matrix)
   with tf.name_scope(name or "bsr_matmul"):
-    x = tf.convert_to_tensor(x)
-    if x.dtype != matrix.dtype:
-      raise validation.invalid(
-          f"x has dtype {x.dtype.name} but the matrix holds {matrix.dtype.name}")
-    if x.shape.rank is not None and x.shape.rank < 1:
-      raise validation.invalid(f"x must have rank >= 1, got shape {x.shape}")
-    k, n = matrix.shape
-    if x.shape[-1] is not None and x.shape[-1] != k:
-      raise validation.invalid(
-          f"x has {x.shape[-1]} columns but the sparse matrix has K = {k}")
-    if x.dtype in _WIDENED_DTYPES:
-      wide = matrix.with_values(tf.cast(matrix.values, tf.float32))
-      return tf.cast(bsr_matmul(tf.cast(x, tf.float32), wide), x.dtype)
-    if x.dtype not in _KERNEL_DTYPES:
-      raise validation.invalid(f"unsupported dtype {x.dtype.name}")
+    return _bsr_matmul(x, matrix)
 
-    batch_shape = tf.shape(x)[:-1]
-    x2 = tf.reshape(x, [-1, k])
-    lib = _loader.library()
-    if lib is None:
-      y2 = fallback.bsr_matmul_2d(x2, matrix)
-    else:
-      y2 = lib.tfbs_bsr_matmul(x2, matrix.values, matrix.col_indices,
-                               matrix.row_ptr, _dense_shape(matrix))
-    y = tf.reshape(y2, tf.concat([batch_shape, [n]], axis=0))
-    if x.shape.rank is not None:
-      y.set_shape(x.shape[:-1].concatenate([n]))
-    return y
+
+def _bsr_matmul(x, matrix):
+  if not isinstance(x, tf.Tensor):
+    x = tf.convert_to_tensor(x)
+  shape = x.shape
+  _check_operand(x.dtype, shape, matrix)
+  if x.dtype in _WIDENED_DTYPES:
+    # Same layout, so no need to check it again for the widened values.
+    wide = BlockSparseMatrix._from_checked_layout(  # pylint: disable=protected-access
+        tf.cast(matrix.values, tf.float32), matrix.col_indices,
+        matrix.row_ptr, matrix.shape)
+    return tf.cast(_bsr_matmul(tf.cast(x, tf.float32), wide), x.dtype)
+  if x.dtype not in _KERNEL_DTYPES:
+    raise validation.invalid(f"unsupported dtype {x.dtype.name}")
+  if shape.rank != 2:
+    return _matmul_nd(x, matrix)
+  y = _matmul_2d(x, matrix)
+  if not tf.executing_eagerly():
+    y.set_shape([shape[0], matrix.shape[1]])  # the op's shape fn loses M
+  return y
+
+
+def _check_operand(dtype, shape, matrix):
+  if dtype != matrix.values.dtype:
+    raise validation.invalid(
+        f"x has dtype {dtype.name} but the matrix holds {matrix.dtype.name}")
+  if shape.rank is None:
+    return
+  if shape.rank < 1:
+    raise validation.invalid(f"x must have rank >= 1, got shape {shape}")
+  k = matrix.shape[0]
+  if shape[-1] is not None and shape[-1] != k:
+    raise validation.invalid(
+        f"x has {shape[-1]} columns but the sparse matrix has K = {k}")
+
+
+def _matmul_2d(x, matrix):
+  lib = _loader.library()
+  if lib is None:
+    return fallback.bsr_matmul_2d(x, matrix)
+  return lib.tfbs_bsr_matmul(x, matrix.values, matrix.col_indices,
+                             matrix.row_ptr, _dense_shape(matrix.shape))
+
+
+def _matmul_nd(x, matrix):
+  """`x [..., K]` of any other rank, through a 2-D `[-1, K]` view."""
+  k, n = matrix.shape
+  batch = x.shape[:-1]
+  if batch.is_fully_defined():
+    # Static batch shape: plain reshapes, no shape ops to run per call.
+    y2 = _matmul_2d(tf.reshape(x, [-1, k]), matrix)
+    return tf.reshape(y2, batch.as_list() + [n])
+  batch_shape = tf.shape(x)[:-1]
+  y2 = _matmul_2d(tf.reshape(x, [-1, k]), matrix)
+  y = tf.reshape(y2, tf.concat([batch_shape, [n]], axis=0))
+  if x.shape.rank is not None:
+    y.set_shape(batch.concatenate([n]))
+  return y
 
 
 def custom_ops_available():
@@ -79,8 +114,21 @@ def custom_ops_available():
   return _loader.custom_ops_available()
 
 
-def _dense_shape(matrix):
-  return tf.constant(matrix.shape, tf.int64)
+# One host tensor per dense shape for eager calls, instead of a new constant
+# every call. A graph builds its own constant once, while tracing (a cached
+# eager tensor would become an extra captured input of the function).
+_EAGER_DENSE_SHAPES = {}
+
+
+def _dense_shape(shape):
+  if not tf.executing_eagerly():
+    return tf.constant(shape, tf.int64)
+  cached = _EAGER_DENSE_SHAPES.get(shape)
+  if cached is None:
+    with tf.device("/cpu:0"):  # a HostMemory input of the GPU kernels
+      cached = tf.constant(shape, tf.int64)
+    _EAGER_DENSE_SHAPES[shape] = cached
+  return cached
 
 
 def _bsr_inputs(op, first):
