@@ -31,28 +31,8 @@ def time_in_graph(fn, x, budget_s=0.15, custom_ops=True, repeats=3):
   accumulator, so the call cannot be pruned). `custom_ops=False` traces it
   with the pure-TF fallback of the tf_blocksparse ops.
   """
-  x = tf.convert_to_tensor(x)
-  eps = tf.Variable(tf.zeros([], x.dtype))
-
-  @tf.function
-  def loop(reps):
-    acc = tf.zeros([], x.dtype)
-    for i in tf.range(reps):
-      y = fn(x + tf.cast(i, x.dtype) * eps)
-      acc += tf.reshape(y, [-1])[0]
-    return acc
-
-  def seconds(reps):
-    start = time.perf_counter()
-    loop(tf.constant(reps)).numpy()
-    return time.perf_counter() - start
-
-  with _loader.use_custom_ops(custom_ops):
-    seconds(1)  # trace and warm up
-    per_call = max(seconds(2) / 2, 1e-5)
-    reps = int(np.clip(budget_s / per_call, 1, 5000))
-    best = min(seconds(reps) for _ in range(repeats))
-  return best / reps * 1e3
+  timer = in_graph_timer(fn, x, budget_s, custom_ops)
+  return min(timer() for _ in range(repeats))
 
 
 def loop_overhead_ms(x, budget_s=0.15):
