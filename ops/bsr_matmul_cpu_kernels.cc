@@ -72,6 +72,18 @@ constexpr int RowsPerTile() {
   return kRows < 1 ? 1 : (kRows > kMaxRows ? kMaxRows : kRows);
 }
 
+// Independent accumulator sets a tile of kAcc accumulators spreads the
+// block's rows over: an FMA's result is ready only a few cycles later, so a
+// tile with few accumulators (one dense row, narrow blocks) would wait on
+// its own chain at every block row. The count divides BI.
+template <int BI, int kAcc>
+constexpr int ChainsFor() {
+  int c = kAcc >= 8 ? 1 : 8 / kAcc;
+  c = c > 4 ? 4 : c;
+  while (BI % c != 0) --c;
+  return c;
+}
+
 // One tile of kRows dense rows times one group, for blocks [BI, BO].
 template <typename T, int BI, int BO, int kRows>
 inline void ProductTile(const GroupedProductArgs<T>& a, int64_t g, int64_t m) {
@@ -79,12 +91,15 @@ inline void ProductTile(const GroupedProductArgs<T>& a, int64_t g, int64_t m) {
   constexpr int kW = kBytes / static_cast<int>(sizeof(T));
   constexpr int kNV = BO / kW;
   static_assert(BO % kW == 0, "block width must fill whole vectors");
+  constexpr int kC = ChainsFor<BI, kRows * kNV>();
   typedef typename Vec<T, kBytes>::type V;
-  V acc[kRows][kNV];
+  V acc[kC][kRows][kNV];
+#pragma GCC unroll 4
+  for (int c = 0; c < kC; ++c)
 #pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r)
+    for (int r = 0; r < kRows; ++r)
 #pragma GCC unroll 8
-    for (int v = 0; v < kNV; ++v) acc[r][v] = V{};
+      for (int v = 0; v < kNV; ++v) acc[c][r][v] = V{};
   const int64_t ld = a.in_row_stride;
   const T* in_rows = a.in + m * ld;
   for (int32_t p = a.group_ptr[g]; p < a.group_ptr[g + 1]; ++p) {
@@ -92,7 +107,7 @@ inline void ProductTile(const GroupedProductArgs<T>& a, int64_t g, int64_t m) {
     const T* blk = a.blocks + id * a.block_elems;
     const int64_t c0 = static_cast<int64_t>(a.in_block[p]) * BI;
     const T* x = in_rows + a.in_block[p] * a.in_block_stride;
-    auto step = [&](int i) __attribute__((always_inline)) {
+    auto step = [&](int i, int c) __attribute__((always_inline)) {
       V b[kNV];
 #pragma GCC unroll 8
       for (int v = 0; v < kNV; ++v) b[v] = LoadVec<V>(blk + i * BO + v * kW);
@@ -100,26 +115,34 @@ inline void ProductTile(const GroupedProductArgs<T>& a, int64_t g, int64_t m) {
       for (int r = 0; r < kRows; ++r) {
         const V xv = Broadcast<V>(x[r * ld + i]);
 #pragma GCC unroll 8
-        for (int v = 0; v < kNV; ++v) acc[r][v] += xv * b[v];
+        for (int v = 0; v < kNV; ++v) acc[c][r][v] += xv * b[v];
       }
     };
     if (c0 + BI <= a.in_cols) {
 #pragma GCC unroll 4
-      for (int i = 0; i < BI; ++i) step(i);
+      for (int i = 0; i < BI; i += kC)
+#pragma GCC unroll 4
+        for (int c = 0; c < kC; ++c) step(i + c, c);
     } else {  // bottom edge block: its padded rows have no input
       const int imax = static_cast<int>(a.in_cols - c0);
-      for (int i = 0; i < imax; ++i) step(i);
+      for (int i = 0; i < imax; ++i) step(i, 0);
     }
   }
+#pragma GCC unroll 4
+  for (int c = 1; c < kC; ++c)
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < kNV; ++v) acc[0][r][v] += acc[c][r][v];
   const int64_t o0 = g * BO;
   const int64_t omax = Min(BO, a.out_cols - o0);
   T* out = a.out + m * a.out_cols + o0;
   for (int r = 0; r < kRows; ++r) {
     if (omax == BO) {
-      std::memcpy(out + r * a.out_cols, &acc[r][0], sizeof(T) * BO);
+      std::memcpy(out + r * a.out_cols, &acc[0][r][0], sizeof(T) * BO);
     } else {
       T row[BO];
-      std::memcpy(row, &acc[r][0], sizeof(T) * BO);
+      std::memcpy(row, &acc[0][r][0], sizeof(T) * BO);
       for (int64_t o = 0; o < omax; ++o) out[r * a.out_cols + o] = row[o];
     }
   }
@@ -158,20 +181,32 @@ inline void DotTile(const GroupedProductArgs<T>& a, int64_t g, int64_t m) {
   }
 }
 
+template <typename T, int BI, int BO, int kRows>
+inline void RowTile(const GroupedProductArgs<T>& a, int64_t g, int64_t m) {
+  if constexpr (BO == 1) DotTile<T, BI, kRows>(a, g, m);
+  else ProductTile<T, BI, BO, kRows>(a, g, m);
+}
+
 template <typename T, int BI, int BO>
 void RowFixed(const GroupedProductArgs<T>& a, int64_t g_begin, int64_t g_end,
               int64_t m_begin, int64_t m_end) {
   constexpr int kRows = RowsPerTile<T, (BO == 1 ? BI : BO)>();
   for (int64_t g = g_begin; g < g_end; ++g) {
     int64_t m = m_begin;
-    for (; m + kRows <= m_end; m += kRows) {
-      if constexpr (BO == 1) DotTile<T, BI, kRows>(a, g, m);
-      else ProductTile<T, BI, BO, kRows>(a, g, m);
+    for (; m + kRows <= m_end; m += kRows) RowTile<T, BI, BO, kRows>(a, g, m);
+    // The rest (fewer than kRows <= 12 rows) in tiles of 8, 4, 2, 1: a
+    // batch of 8 is one tile, not eight single rows that each re-read
+    // every block.
+    if constexpr (kRows > 8) {
+      if (m + 8 <= m_end) { RowTile<T, BI, BO, 8>(a, g, m); m += 8; }
     }
-    for (; m < m_end; ++m) {
-      if constexpr (BO == 1) DotTile<T, BI, 1>(a, g, m);
-      else ProductTile<T, BI, BO, 1>(a, g, m);
+    if constexpr (kRows > 4) {
+      if (m + 4 <= m_end) { RowTile<T, BI, BO, 4>(a, g, m); m += 4; }
     }
+    if constexpr (kRows > 2) {
+      if (m + 2 <= m_end) { RowTile<T, BI, BO, 2>(a, g, m); m += 2; }
+    }
+    if (m < m_end) RowTile<T, BI, BO, 1>(a, g, m);
   }
 }
 

@@ -1,0 +1,38 @@
+"""Every row count a row tile can leave over (1..2 tiles of the widest ISA),
+for each block shape with a specialised kernel: the tiles of 12, 8, 4, 2
+and 1 rows, their accumulator chains, and the edge blocks at K and N, for
+x @ W and for dy @ W^T (the gradient's transposed product)."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_blocksparse as tfbs
+from bsr_testing import PATHS
+from bsr_testing import path_scope
+from bsr_testing import random_block_sparse
+
+BLOCKS = [(4, 4), (8, 8), (16, 16), (32, 32), (16, 1), (1, 16), (4, 1)]
+ROWS = range(1, 26)  # 25 = 12 + 8 + 4 + 1 rows on AVX-512
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("block", BLOCKS)
+def test_every_row_count(path, block):
+  rng = np.random.default_rng(sum(block))
+  k, n = 70, 75  # neither a multiple of any block side above except 1
+  dense, _ = random_block_sparse(rng, k, n, block, density=0.5)
+  w = tfbs.BlockSparseMatrix.from_dense(dense, block)
+  for rows in ROWS:
+    x = rng.standard_normal([rows, k]).astype(np.float32)
+    dy = rng.standard_normal([rows, n]).astype(np.float32)
+    with path_scope(path):
+      xt = tf.constant(x)
+      with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = tfbs.ops.bsr_matmul(xt, w)
+      dx = tape.gradient(y, xt, output_gradients=tf.constant(dy))
+    np.testing.assert_allclose(y.numpy(), x.astype(np.float64) @ dense,
+                               rtol=1e-5, atol=1e-5, err_msg=f"rows={rows}")
+    np.testing.assert_allclose(dx.numpy(), dy.astype(np.float64) @ dense.T,
+                               rtol=1e-5, atol=1e-5, err_msg=f"rows={rows}")
