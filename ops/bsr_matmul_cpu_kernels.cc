@@ -84,6 +84,9 @@ constexpr int ChainsFor() {
   return c;
 }
 
+// Blocks ahead of the one in use whose first lines are prefetched.
+constexpr int kPrefetchAhead = 8;
+
 // One tile of kRows dense rows times one group, for blocks [BI, BO].
 template <typename T, int BI, int BO, int kRows>
 inline void ProductTile(const GroupedProductArgs<T>& a, int64_t g, int64_t m) {
@@ -102,9 +105,20 @@ inline void ProductTile(const GroupedProductArgs<T>& a, int64_t g, int64_t m) {
       for (int v = 0; v < kNV; ++v) acc[c][r][v] = V{};
   const int64_t ld = a.in_row_stride;
   const T* in_rows = a.in + m * ld;
-  for (int32_t p = a.group_ptr[g]; p < a.group_ptr[g + 1]; ++p) {
+  const int32_t p_end = a.group_ptr[g + 1];
+  for (int32_t p = a.group_ptr[g]; p < p_end; ++p) {
     const int64_t id = a.ids ? a.ids[p] : p;
     const T* blk = a.blocks + id * a.block_elems;
+    if (a.ids != nullptr && p + kPrefetchAhead < p_end) {
+      // A block column's blocks lie a block row apart in storage: with
+      // small blocks the hardware prefetcher sees no stream and every
+      // block is a cache miss. Ask for the one kPrefetchAhead later.
+      const T* next = a.blocks + a.ids[p + kPrefetchAhead] * a.block_elems;
+      constexpr int kLines = (BI * BO * sizeof(T) + 63) / 64;
+#pragma GCC unroll 4
+      for (int l = 0; l < (kLines < 4 ? kLines : 4); ++l)
+        __builtin_prefetch(next + l * (64 / sizeof(T)));
+    }
     const int64_t c0 = static_cast<int64_t>(a.in_block[p]) * BI;
     const T* x = in_rows + a.in_block[p] * a.in_block_stride;
     auto step = [&](int i, int c) __attribute__((always_inline)) {
@@ -252,6 +266,98 @@ void RowProduct(const GroupedProductArgs<T>& a, int64_t gb, int64_t ge,
   RowGeneric<T>(a, gb, ge, mb, me);
 }
 
+// ------------------------------------------------------------ scatter rows
+
+// Dense rows up to which x @ W takes ScatterProduct.
+constexpr int64_t kScatterMaxRows = 4;
+
+// kRows dense rows times the blocks of block rows [rb, re), added into
+// out. The output vectors of one block are independent of the next block's
+// (another column), so out-of-order execution overlaps the FMA chains of
+// consecutive small blocks by itself; only long chains (16 rows and more,
+// few accumulators) are split, since extra chains cost zeroing and adds.
+template <typename T, int BI, int BO, int kRows>
+void ScatterRows(const ScatterArgs<T>& a, int64_t rb, int64_t re) {
+  constexpr int kBytes = RowVecBytes<T, BO>();
+  constexpr int kW = kBytes / static_cast<int>(sizeof(T));
+  constexpr int kNV = BO / kW;
+  static_assert(BO % kW == 0, "block width must fill whole vectors");
+  constexpr int kC = (BI >= 16 && kRows * kNV < 4) ? 2 : 1;
+  typedef typename Vec<T, kBytes>::type V;
+  const int64_t ld = a.k, os = a.out_stride;
+  for (int64_t r = rb; r < re; ++r) {
+    const int64_t c0 = r * BI;
+    const int imax = static_cast<int>(Min(BI, a.k - c0));
+    const T* x = a.in + c0;
+    for (int32_t p = a.row_ptr[r]; p < a.row_ptr[r + 1]; ++p) {
+      const T* blk = a.blocks + static_cast<int64_t>(p) * (BI * BO);
+      T* out = a.out + static_cast<int64_t>(a.col_indices[p]) * BO;
+      V acc[kC][kRows][kNV];
+#pragma GCC unroll 8
+      for (int rr = 0; rr < kRows; ++rr)
+#pragma GCC unroll 8
+        for (int v = 0; v < kNV; ++v) {
+          acc[0][rr][v] = LoadVec<V>(out + rr * os + v * kW);
+#pragma GCC unroll 4
+          for (int c = 1; c < kC; ++c) acc[c][rr][v] = V{};
+        }
+      auto step = [&](int i, int c) __attribute__((always_inline)) {
+        V b[kNV];
+#pragma GCC unroll 8
+        for (int v = 0; v < kNV; ++v) b[v] = LoadVec<V>(blk + i * BO + v * kW);
+#pragma GCC unroll 8
+        for (int rr = 0; rr < kRows; ++rr) {
+          const V xv = Broadcast<V>(x[rr * ld + i]);
+#pragma GCC unroll 8
+          for (int v = 0; v < kNV; ++v) acc[c][rr][v] += xv * b[v];
+        }
+      };
+      if (imax == BI) {
+#pragma GCC unroll 4
+        for (int i = 0; i < BI; i += kC)
+#pragma GCC unroll 4
+          for (int c = 0; c < kC; ++c) step(i + c, c);
+      } else {  // bottom edge block: its padded rows have no input
+        for (int i = 0; i < imax; ++i) step(i, 0);
+      }
+#pragma GCC unroll 8
+      for (int rr = 0; rr < kRows; ++rr)
+#pragma GCC unroll 8
+        for (int v = 0; v < kNV; ++v) {
+#pragma GCC unroll 4
+          for (int c = 1; c < kC; ++c) acc[0][rr][v] += acc[c][rr][v];
+          std::memcpy(out + rr * os + v * kW, &acc[0][rr][v], sizeof(V));
+        }
+    }
+  }
+}
+
+template <typename T, int BI, int BO>
+void ScatterFixed(const ScatterArgs<T>& a, int64_t rb, int64_t re) {
+  switch (a.m) {
+    case 1: return ScatterRows<T, BI, BO, 1>(a, rb, re);
+    case 2: return ScatterRows<T, BI, BO, 2>(a, rb, re);
+    case 3: return ScatterRows<T, BI, BO, 3>(a, rb, re);
+    default: return ScatterRows<T, BI, BO, 4>(a, rb, re);
+  }
+}
+
+// The shapes Plan() sends here: each has a ScatterFixed instance.
+inline bool ScatterShape(int64_t bi, int64_t bo) {
+  return (bi == bo && (bi == 4 || bi == 8 || bi == 16 || bi == 32)) ||
+         (bi == 1 && (bo == 4 || bo == 16));
+}
+
+template <typename T>
+void ScatterProduct(const ScatterArgs<T>& a, int64_t rb, int64_t re) {
+  const int64_t bi = a.bh, bo = a.bw;
+#define TFBS_CASE(I, O) \
+  if (bi == I && bo == O) return ScatterFixed<T, I, O>(a, rb, re);
+  TFBS_CASE(4, 4) TFBS_CASE(8, 8) TFBS_CASE(16, 16) TFBS_CASE(32, 32)
+  TFBS_CASE(1, 4) TFBS_CASE(1, 16)
+#undef TFBS_CASE
+}
+
 // ------------------------------------------------------------------- panels
 
 // A tile of OC output columns (from o0) times NV panels (from q) of one
@@ -370,10 +476,10 @@ ProductPlan Plan(int64_t m, int64_t bi, int64_t bo, bool transposed) {
   ProductPlan plan;
   const bool wide_block = bo * static_cast<int64_t>(sizeof(T)) >= kVecBytes;
   const int64_t min_rows = transposed ? kLanes / 2 : (wide_block ? kLanes : kLanes / 2);
-  plan.panels = m >= min_rows;
+  plan.scatter = !transposed && m <= kScatterMaxRows && ScatterShape(bi, bo);
+  plan.panels = !plan.scatter && m >= min_rows;
   plan.lanes = kLanes;
   plan.pack_rows = !plan.panels && m >= 32;
-  (void)bi;
   return plan;
 }
 
@@ -520,7 +626,7 @@ template <typename T>
 const CpuKernels<T> kKernels = {
     TFBS_STR(TFBS_ISA_NS), &Plan<T>, &RowProduct<T>, &PanelProduct<T>,
     &PackBlockColumns<T>, &PackPanels<T>, &TransposeBlocks<T>,
-    &ValuesGrad<T>,
+    &ValuesGrad<T>,        &ScatterProduct<T>,
 };
 
 }  // namespace

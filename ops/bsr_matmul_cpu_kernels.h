@@ -64,8 +64,28 @@ struct ValuesGradArgs {
   T* dvalues = nullptr;  // [nnzb, bh, bw]
 };
 
+// x @ W for few dense rows, in storage order: for each block row r in
+// [r_begin, r_end) and each of its blocks p,
+//     out[:, col_indices[p]*bw : +bw] += in[:, r*bh : +bh] @ blocks[p]
+// with out [m, out_stride] (out_stride >= number of block columns * bw: the
+// columns of a right edge block past n land in padding the caller drops;
+// rows of a bottom edge block past k are not read). The blocks stream in
+// the order they are stored, where grouping by block column jumps a block
+// row between blocks; each thread accumulates into its own `out`.
+template <typename T>
+struct ScatterArgs {
+  const T* in = nullptr;  // [m, k] row-major
+  int64_t m = 0, k = 0, bh = 0, bw = 0;
+  const T* blocks = nullptr;
+  const int32_t* row_ptr = nullptr;
+  const int32_t* col_indices = nullptr;
+  T* out = nullptr;
+  int64_t out_stride = 0;
+};
+
 // Which kernel a product of this shape takes, from the ISA's tile table.
 struct ProductPlan {
+  bool scatter = false;  // ScatterProduct (x @ W only), else as below
   bool panels = false;  // PanelProduct, else RowProduct
   int64_t lanes = 1;    // panel height (rows per vector) when panels
   bool pack_rows = false;  // RowProduct: pack the operand by block columns
@@ -94,6 +114,8 @@ struct CpuKernels {
                            int64_t p_begin, int64_t p_end);
   void (*values_grad)(const ValuesGradArgs<T>& args, int64_t p_begin,
                       int64_t p_end);
+  void (*scatter_product)(const ScatterArgs<T>& args, int64_t r_begin,
+                          int64_t r_end);
 };
 
 #define TFBS_DECLARE_MATMUL_KERNELS(ns)        \

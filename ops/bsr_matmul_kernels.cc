@@ -143,6 +143,74 @@ template <typename T>
   return ::tensorflow::Status();
 }
 
+// x @ W in storage order (plan.scatter: a few dense rows). The threads take
+// ranges of block rows holding about equal numbers of blocks, each adding
+// into its own zeroed [m, nbc * bw] slice (two block rows may write the same
+// columns); the slices are then summed into y, clipped to n columns.
+template <typename T>
+::tensorflow::Status RunScatterProduct(OpKernelContext* ctx,
+                                       const CpuKernels<T>& k,
+                                       const BsrLayout& layout, int64_t m,
+                                       const T* x, const T* blocks, T* y) {
+  BsrGeometry geo = layout.geo;
+  geo.m = m;  // not part of the cached layout
+  auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
+  const int64_t work = geo.nnzb * geo.bh * geo.bw * geo.m;
+  // Below ~64k multiply-adds a second thread costs more than it saves.
+  const int64_t shards = std::max<int64_t>(
+      1, std::min<int64_t>({workers->num_threads, work >> 16, geo.nbr}));
+  const int64_t stride = geo.nbc * geo.bw;
+  Tensor partial;
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(
+      ::tensorflow::DataTypeToEnum<T>::value,
+      TensorShape({shards * geo.m * stride}), &partial));
+  T* part = partial.flat<T>().data();
+  std::fill_n(part, shards * geo.m * stride, T(0));
+  const int32_t* row_ptr = layout.row_ptr.data();
+  // Shard s starts at the first block row holding block s * nnzb / shards.
+  std::vector<int64_t> first(shards + 1, geo.nbr);
+  for (int64_t s = 0; s < shards; ++s) {
+    const int64_t target = s * geo.nnzb / shards;
+    first[s] = std::upper_bound(row_ptr, row_ptr + geo.nbr + 1, target) -
+               row_ptr - 1;
+  }
+  first[0] = 0;
+  ScatterArgs<T> args;
+  args.in = x;
+  args.m = geo.m;
+  args.k = geo.k;
+  args.bh = geo.bh;
+  args.bw = geo.bw;
+  args.blocks = blocks;
+  args.row_ptr = row_ptr;
+  args.col_indices = layout.col_indices.data();
+  args.out_stride = stride;
+  auto run = [&](int64_t s) {
+    ScatterArgs<T> a = args;
+    a.out = part + s * geo.m * stride;
+    k.scatter_product(a, first[s], std::max(first[s], first[s + 1]));
+  };
+  if (shards == 1) {
+    run(0);
+  } else {
+    workers->workers->ParallelFor(
+        shards, /*cost_per_unit=*/1 << 24,
+        [&](int64_t begin, int64_t end) {
+          for (int64_t s = begin; s < end; ++s) run(s);
+        });
+  }
+  for (int64_t r = 0; r < geo.m; ++r) {
+    T* out = y + r * geo.n;
+    const T* src = part + r * stride;
+    std::copy(src, src + geo.n, out);
+    for (int64_t s = 1; s < shards; ++s) {
+      const T* add = part + (s * geo.m + r) * stride;
+      for (int64_t c = 0; c < geo.n; ++c) out[c] += add[c];
+    }
+  }
+  return ::tensorflow::Status();
+}
+
 template <typename T>
 class BsrMatmulOp : public OpKernel {
  public:
@@ -162,6 +230,13 @@ class BsrMatmulOp : public OpKernel {
     if (y->NumElements() == 0) return;
     if (geo.nnzb == 0 || geo.k == 0) {
       std::fill_n(y->flat<T>().data(), y->NumElements(), T(0));
+      return;
+    }
+    if (k->plan(geo.m, geo.bh, geo.bw, /*transposed=*/false).scatter) {
+      OP_REQUIRES_OK(ctx, RunScatterProduct(ctx, *k, *layout, geo.m,
+                                            x.flat<T>().data(),
+                                            ctx->input(1).flat<T>().data(),
+                                            y->flat<T>().data()));
       return;
     }
     const BsrColumnIndex& index = layout->column_index;
