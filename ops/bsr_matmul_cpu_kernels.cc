@@ -1,7 +1,11 @@
 // Register-tiled CPU kernels for BSR products, compiled once per ISA
 // (cpu_isa.h sets the namespace, the vector width and the register count).
 //
-// Two kernels, chosen per call by Plan() (the one tile table):
+// Three kernels, chosen per call by Plan() (the one tile table):
+// - ScatterProduct (x @ W, up to 4 dense rows): the blocks in storage order,
+//   each added into its block column of a per-thread output; grouping by
+//   block column instead reads small blocks a block row apart, a cache
+//   miss each (4x4 blocks at M = 1 are one cache line apiece).
 // - RowProduct: vectors along a block's output columns, one broadcast of
 //   the dense operand per row; best when there are few dense rows and the
 //   block is at least a vector wide (M = 1..8 with 16x16 blocks: GEMV-like).
