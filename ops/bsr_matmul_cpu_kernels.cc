@@ -380,9 +380,17 @@ inline void PanelTile(const GroupedProductArgs<T>& a, int64_t g, int64_t o0,
   const T* xq = a.in + q * pstride;
   const int64_t w_row = a.w_row;
   const int64_t w_col = kUnitCol ? 1 : a.w_col;
-  for (int32_t p = a.group_ptr[g]; p < a.group_ptr[g + 1]; ++p) {
+  const int32_t p_end = a.group_ptr[g + 1];
+  for (int32_t p = a.group_ptr[g]; p < p_end; ++p) {
     const int64_t id = a.ids ? a.ids[p] : p;
     const T* w = a.blocks + id * a.block_elems + o0 * w_col;
+    if (a.ids != nullptr && p + kPrefetchAhead < p_end) {
+      // As in ProductTile: a block column's blocks are far apart. One line
+      // is a whole 4x4 block; larger blocks are streams the hardware
+      // prefetcher follows once started.
+      __builtin_prefetch(a.blocks + a.ids[p + kPrefetchAhead] * a.block_elems +
+                         o0 * w_col);
+    }
     const int64_t c0 = static_cast<int64_t>(a.in_block[p]) * a.bi;
     const int64_t imax = Min(a.bi, a.in_cols - c0);
     const T* x = xq + c0 * L;
