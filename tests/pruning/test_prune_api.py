@@ -105,12 +105,14 @@ def test_subclassed_model():
 
 
 def test_unsupported_layer_is_named_and_supported_listed():
-  inp = tf_keras.Input((8, 8, 1))
-  model = tf_keras.Model(inp, L.Conv2D(2, 3, name="my_conv")(inp))
+  inp = tf_keras.Input((8, 3))
+  model = tf_keras.Model(inp, L.EinsumDense("abc,cd->abd", (None, 2),
+                                            name="my_einsum")(inp))
   with pytest.raises(ValueError) as err:
     tfbs.prune_block_low_magnitude(model)
-  assert "'my_conv'" in str(err.value) and "Conv2D" in str(err.value)
+  assert "'my_einsum'" in str(err.value) and "EinsumDense" in str(err.value)
   assert "Dense" in str(err.value) and "LSTM" in str(err.value)
+  assert "Conv2D" in str(err.value) and "MultiHeadAttention" in str(err.value)
   with pytest.raises(ValueError, match="Bidirectional.*ConvLSTM1D"):
     tfbs.prune_block_low_magnitude(L.Bidirectional(L.ConvLSTM1D(2, 3)))
 
