@@ -150,6 +150,21 @@ class PruneBlockLowMagnitude(tfmot_wrapper.PruneLowMagnitude):
     return (tf.cast(active, tf.float32) * self.group_lasso *
             self.pruning_obj.group_lasso())
 
+  def __call__(self, inputs, *args, **kwargs):
+    if args:
+      # Name extra positional inputs (attention's `value`, `key`) after the
+      # wrapped layer's call, so Keras records them in the functional
+      # config and clones/loads pass them again.
+      names = [p.name for p in list(inspect.signature(
+          self.layer.call).parameters.values())[1:]]
+      if len(args) > len(names):
+        raise TypeError(f"{type(self.layer).__name__}.call takes at most "
+                        f"{len(names) + 1} positional arguments, got "
+                        f"{len(args) + 1}.")
+      kwargs.update(zip(names, args))
+    _build_attention(self.layer, (inputs,), kwargs)
+    return super().__call__(inputs, **kwargs)
+
   def call(self, inputs, training=None, **kwargs):
     if training is None:
       training = tf_keras.backend.learning_phase()
@@ -199,6 +214,35 @@ class PruneBlockLowMagnitude(tfmot_wrapper.PruneLowMagnitude):
     if config.get("sparsity_m_by_n") is not None:
       config["sparsity_m_by_n"] = tuple(config["sparsity_m_by_n"])
     return cls(**config)
+
+
+def _build_attention(layer, args, kwargs):
+  """MultiHeadAttention creates its projections from the shapes of query,
+  value and key on its first call (or from its config, unbuilt), and Keras
+  builds a wrapper from the first input only; build them here, so the
+  wrapper finds the kernels."""
+  if not isinstance(layer, tf_keras.layers.MultiHeadAttention):
+    return
+  # pylint: disable=protected-access
+  with tf.init_scope():
+    if not layer._built_from_signature:
+      names = ("query", "value", "key")
+      given = dict(zip(names, args))
+      given.update({k: kwargs[k] for k in names if k in kwargs})
+      if "query" not in given or "value" not in given:
+        return   # Keras raises its own error for the missing input
+      layer._build_from_signature(query=given["query"], value=given["value"],
+                                  key=given.get("key"))
+    # The projections build on first use; the output one reads the heads'
+    # outputs, `[..., heads, value_dim]`.
+    shapes = ((layer._query_dense, layer._query_shape),
+              (layer._key_dense, layer._key_shape),
+              (layer._value_dense, layer._value_shape),
+              (layer._output_dense, layer._query_shape[:-1].concatenate(
+                  [layer._num_heads, layer._value_dim])))
+    for sublayer, shape in shapes:
+      if not sublayer.built:
+        sublayer.build(shape)
 
 
 def _call_arguments(layer):
