@@ -88,3 +88,22 @@ def assert_block_structure(value, block_size, gates=1, row_axes=None):
   for g, i, j, b in blocks(value, block_size, gates, row_axes):
     nz = np.count_nonzero(b)
     assert nz in (0, b.size), (g, i, j, b)
+
+
+def m_by_n_blocks(reps, m_by_n, segment=None):
+  """Block mask keeping n - m of every n consecutive block rows (the
+  largest, earlier on ties) in each block column, groups restarting every
+  `segment` block rows; a last partial group of r keeps min(n - m, r)."""
+  m, n = m_by_n
+  g, nbr, nbc = reps.shape
+  segment = segment or nbr
+  keep = np.zeros(reps.shape, bool)
+  for gi in range(g):
+    for j in range(nbc):
+      for start in range(0, nbr, segment):
+        for lo in range(start, start + segment, n):
+          hi = min(lo + n, start + segment)
+          vals = reps[gi, lo:hi, j]
+          order = np.argsort(-vals, kind="stable")[:n - m]
+          keep[gi, lo + order, j] = True
+  return keep
