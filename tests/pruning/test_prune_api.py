@@ -328,3 +328,14 @@ def test_masked_sequence_labelling_model():
   y = pruned(x, training=False).numpy()
   np.testing.assert_allclose(y[:, 3], y[:, 2], rtol=1e-6)
   np.testing.assert_allclose(y[:, 4], y[:, 2], rtol=1e-6)
+
+
+def test_a_weightless_layer_wrapped_alone_prunes_nothing():
+  wrapper = tfbs.prune_block_low_magnitude(L.Dropout(0.4))
+  model = tf_keras.Sequential([tf_keras.Input((3,)), wrapper])
+  model.compile("sgd", "mse", run_eagerly=True)
+  helpers.fit_steps(model, 1)
+  assert wrapper.masked_weights == [] and int(wrapper.pruning_step) == 1
+  assert wrapper.layer.get_prunable_weights() == []
+  x = np.arange(6, dtype=np.float32).reshape(2, 3)
+  np.testing.assert_array_equal(model(x, training=False).numpy(), x)

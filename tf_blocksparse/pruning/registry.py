@@ -155,8 +155,9 @@ def unsupported_reason(layer, _where=""):
   Works on unbuilt layers: it only looks at classes and sublayers.
   """
   where = _where or f"{type(layer).__name__} layer '{layer.name}'"
-  if _has_custom_protocol(layer) or _weight_spec(layer) is not None:
-    return None
+  if (_has_custom_protocol(layer) or _weight_spec(layer) is not None or
+      is_left_dense(layer)):
+    return None   # a left-dense layer wrapped on its own: nothing pruned
   children = _children(layer)
   if children is None:
     return (f"Cannot block prune {where}: {type(layer).__name__} is not "
@@ -191,6 +192,8 @@ def prunable_weights(layer, _prefix=""):
   if _has_custom_protocol(layer):
     return [PrunableWeight(f"{_prefix}custom{i}", w, 1)
             for i, w in enumerate(layer.get_prunable_weights())]
+  if is_left_dense(layer):
+    return []
   spec = _weight_spec(layer)
   if spec is not None:
     found = []
