@@ -259,3 +259,10 @@ def test_single_device_strategies(make):
                             mw.gates)
     np.testing.assert_array_equal(mw.mask.numpy(), want)
     np.testing.assert_array_equal(mw.weight.numpy(), init * want)
+  for mw in layer.masked_weights:   # as an optimizer step would
+    mw.weight.assign(mw.weight + 1.0)
+  stripped = tfbs.strip_block_pruning(model)   # re-masks every copy
+  assert stripped.layers[1] is layer.layer
+  for mw in layer.masked_weights:
+    for copy in getattr(mw.weight, "values", (mw.weight,)):
+      assert not np.any(copy.numpy()[mw.mask.numpy() == 0])
