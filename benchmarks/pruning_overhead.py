@@ -165,6 +165,7 @@ def main(argv=None):
   print(text)
   os.makedirs(args.out, exist_ok=True)
   meta = {**benchmarking.machine_meta(), "cpu_count": os.cpu_count(),
+          "load_average_after": os.getloadavg(),
           **{k: v for k, v in vars(args).items() if k != "out"},
           "target": "pruning adds <= 10 % to the step at frequency 100"}
   name = "pruning_overhead_quick.json" if args.quick else \
