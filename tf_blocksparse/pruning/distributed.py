@@ -23,6 +23,12 @@ def in_cross_replica(fn):
   `strategy` is None when no strategy is active. From a replica (inside
   `strategy.run`, `fit`) this is a `merge_call`, so it must not be called
   inside `tf.cond`/`tf.while_loop`.
+
+  >>> import tensorflow as tf
+  >>> v = tf.Variable(1.0)
+  >>> _ = in_cross_replica(lambda strategy: assign(strategy, v, 3.0))
+  >>> float(v.numpy())
+  3.0
   """
   if not tf.distribute.has_strategy():
     return fn(None)
