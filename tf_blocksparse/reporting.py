@@ -58,7 +58,7 @@ def _weights_of(model, block_size):
       continue
     if isinstance(layer, wrapper_lib.PruneBlockLowMagnitude):
       for mw in layer.masked_weights:
-        value = mw.weight.numpy() * mw.mask.numpy()
+        value = _view(mw.weight.numpy() * mw.mask.numpy(), mw.row_axes)
         yield layer.name, mw.path, value, mw.gates, layer.block_size
     elif (not registry.is_left_dense(layer) and registry.is_supported(layer)
           and layer.weights):
@@ -67,7 +67,16 @@ def _weights_of(model, block_size):
             f"Layer '{layer.name}' is not wrapped for pruning, so its block "
             f"size is unknown: pass block_size=(bh, bw).")
       for w in registry.prunable_weights(layer):
-        yield layer.name, w.path, w.variable.numpy(), w.gates, block_size
+        value = _view(w.variable.numpy(), w.row_axes)
+        yield layer.name, w.path, value, w.gates, block_size
+
+
+def _view(value, row_axes):
+  # Weights with their own matrix view (depthwise, attention) are reported
+  # in that view, so their blocks are the pruned ones.
+  if row_axes is None:
+    return value
+  return value.reshape(block_masks.matrix_shape(value.shape, row_axes))
 
 
 def _block_mask(value, gates, block_size):

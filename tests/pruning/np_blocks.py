@@ -3,14 +3,21 @@
 import numpy as np
 
 
-def as_matrix(w):
+def as_matrix(w, row_axes=None):
+  """The first `row_axes` axes (all but the last by default) as rows."""
   w = np.asarray(w)
-  return w.reshape(-1, w.shape[-1])
+  if w.ndim < 2:
+    return w.reshape(1, -1)
+  split = w.ndim - 1 if row_axes is None else row_axes % w.ndim
+  rows = 1
+  for d in w.shape[:split]:
+    rows *= d
+  return w.reshape(rows, -1)
 
 
-def blocks(w, block_size, gates=1):
+def blocks(w, block_size, gates=1, row_axes=None):
   """Yields (g, i, j, block view) over gate slices, partial blocks included."""
-  m = as_matrix(w)
+  m = as_matrix(w, row_axes)
   k, n = m.shape
   u = n // gates
   bh, bw = block_size
@@ -21,17 +28,17 @@ def blocks(w, block_size, gates=1):
         yield g, i // bh, j // bw, s[i:i + bh, j:j + bw]
 
 
-def grid(w, block_size, gates=1):
-  m = as_matrix(w)
+def grid(w, block_size, gates=1, row_axes=None):
+  m = as_matrix(w, row_axes)
   k, n = m.shape
   u = n // gates
   return gates, -(-k // block_size[0]), -(-u // block_size[1])
 
 
-def representatives(w, block_size, pooling, gates=1):
-  out = np.zeros(grid(w, block_size, gates))
+def representatives(w, block_size, pooling, gates=1, row_axes=None):
+  out = np.zeros(grid(w, block_size, gates, row_axes))
   nb = block_size[0] * block_size[1]
-  for g, i, j, b in blocks(w, block_size, gates):
+  for g, i, j, b in blocks(w, block_size, gates, row_axes):
     a = np.abs(b.astype(np.float64))
     if pooling == "max":
       out[g, i, j] = a.max()
@@ -42,17 +49,17 @@ def representatives(w, block_size, pooling, gates=1):
   return out
 
 
-def block_mask_of_values(w, block_size, gates=1):
+def block_mask_of_values(w, block_size, gates=1, row_axes=None):
   """True where a block holds any non-zero element."""
-  out = np.zeros(grid(w, block_size, gates), bool)
-  for g, i, j, b in blocks(w, block_size, gates):
+  out = np.zeros(grid(w, block_size, gates, row_axes), bool)
+  for g, i, j, b in blocks(w, block_size, gates, row_axes):
     out[g, i, j] = np.any(b != 0)
   return out
 
 
-def expand(block_mask, w_shape, block_size, gates=1):
+def expand(block_mask, w_shape, block_size, gates=1, row_axes=None):
   """Element mask of a weight of shape `w_shape` from a block mask."""
-  m = np.zeros(as_matrix(np.zeros(w_shape)).shape)
+  m = np.zeros(as_matrix(np.zeros(w_shape), row_axes).shape)
   u = m.shape[1] // gates
   bh, bw = block_size
   for g in range(gates):
@@ -75,9 +82,28 @@ def top_blocks(reps, sparsity):
   return mask.reshape(reps.shape)
 
 
-def assert_block_structure(value, block_size, gates=1):
+def assert_block_structure(value, block_size, gates=1, row_axes=None):
   """Every block is either all zero or has no zero at all (an untouched
   trained block of random weights has no exact zeros)."""
-  for g, i, j, b in blocks(value, block_size, gates):
+  for g, i, j, b in blocks(value, block_size, gates, row_axes):
     nz = np.count_nonzero(b)
     assert nz in (0, b.size), (g, i, j, b)
+
+
+def m_by_n_blocks(reps, m_by_n, segment=None):
+  """Block mask keeping n - m of every n consecutive block rows (the
+  largest, earlier on ties) in each block column, groups restarting every
+  `segment` block rows; a last partial group of r keeps min(n - m, r)."""
+  m, n = m_by_n
+  g, nbr, nbc = reps.shape
+  segment = segment or nbr
+  keep = np.zeros(reps.shape, bool)
+  for gi in range(g):
+    for j in range(nbc):
+      for start in range(0, nbr, segment):
+        for lo in range(start, start + segment, n):
+          hi = min(lo + n, start + segment)
+          vals = reps[gi, lo:hi, j]
+          order = np.argsort(-vals, kind="stable")[:n - m]
+          keep[gi, lo + order, j] = True
+  return keep

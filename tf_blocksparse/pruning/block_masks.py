@@ -54,13 +54,31 @@ def check_pooling(pooling):
   return name
 
 
-def matrix_shape(weight_shape):
-  """The `[K, N]` matrix view of a weight of rank >= 2."""
+def matrix_shape(weight_shape, row_axes=None):
+  """The `[K, N]` matrix view of a weight of any rank.
+
+  The first `row_axes` axes make the rows and the others the columns;
+  `None` means all but the last (a Conv2D kernel `[kh, kw, in, out]` is
+  `[kh * kw * in, out]`), a negative count leaves that many axes to the
+  columns (a depthwise kernel `[kh, kw, in, mult]` with `row_axes=-2` is
+  `[kh * kw, in * mult]`). A vector is one row, a scalar `[1, 1]`.
+
+  >>> matrix_shape((3, 3, 8, 16)), matrix_shape((3, 3, 8, 2), -2)
+  ((72, 16), (9, 16))
+  >>> matrix_shape((5,)), matrix_shape(())
+  ((1, 5), (1, 1))
+  """
   shape = [int(d) for d in weight_shape]
   if len(shape) < 2:
-    raise ValueError(f"Block pruning needs a weight of rank >= 2, got shape "
-                     f"{shape}.")
-  return int(np.prod(shape[:-1])), shape[-1]
+    return 1, (shape[0] if shape else 1)
+  split = len(shape) - 1 if row_axes is None else int(row_axes)
+  if split < 0:
+    split += len(shape)
+  if not 0 < split < len(shape):
+    raise ValueError(f"row_axes={row_axes} does not split a weight of shape "
+                     f"{shape} into rows and columns; use a count in "
+                     f"[1, {len(shape) - 1}] or in [-{len(shape) - 1}, -1].")
+  return int(np.prod(shape[:split])), int(np.prod(shape[split:]))
 
 
 def block_grid(matrix_shape_, block_size, gates=1):
@@ -181,6 +199,78 @@ def keep_top_blocks(reps, sparsity, kept_before):
   kept = tf.logical_and(rank < n_keep, alive)
   weakest = tf.reduce_min(tf.where(kept, flat, tf.fill([n], flat.dtype.max)))
   return tf.reshape(kept, shape), weakest
+
+
+def check_m_by_n(m_by_n):
+  """Normalises `sparsity_m_by_n`: `(m, n)`, m zeros in every n, 0 < m < n.
+
+  >>> check_m_by_n((2, 4)), check_m_by_n(None)
+  ((2, 4), None)
+  """
+  if m_by_n is None:
+    return None
+  try:
+    m, n = m_by_n
+  except (TypeError, ValueError):
+    m = n = None
+  ok = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+           for v in (m, n))
+  if not ok or not 0 < m < n:
+    raise ValueError(f"sparsity_m_by_n must be a pair (m, n) of ints with "
+                     f"0 < m < n (m zeros in every n consecutive blocks "
+                     f"along the input axis), e.g. (2, 4); got {m_by_n!r}.")
+  return int(m), int(n)
+
+
+def keep_m_by_n(reps, m_by_n, kept_before, segment=None):
+  """Prunes `m` of every `n` consecutive blocks down each block column.
+
+  Groups run along the rows (the input axis of the matrix view) and
+  restart every `segment` block rows (one input-channel run of a
+  convolution tap), so a group never mixes two taps. A last partial group
+  of `r` blocks keeps `min(n - m, r)`, as tfmot's M-by-N does. Blocks
+  pruned before rank below every live block, so they stay pruned.
+
+  Args:
+    reps: `[gates, nbr, nbc]` representatives.
+    m_by_n: `(m, n)`.
+    kept_before: bool, like `reps`.
+    segment: block rows per run; `None` is all `nbr`.
+
+  Returns:
+    `(kept, weakest)` as `keep_top_blocks`.
+
+  >>> import numpy as np
+  >>> reps = np.array([[[4.], [1.], [3.], [2.]]], np.float32)
+  >>> kept, _ = keep_m_by_n(reps, (2, 4), np.ones([1, 4, 1], bool))
+  >>> kept.numpy().ravel().tolist()
+  [True, False, True, False]
+  """
+  reps = tf.convert_to_tensor(reps)
+  g, nbr, nbc = [int(d) for d in reps.shape]
+  m, n = m_by_n
+  segment = nbr if segment is None else int(segment)
+  runs = nbr // segment
+  groups = -(-segment // n)
+  pad = groups * n - segment
+  low = tf.constant(-np.inf, reps.dtype)
+
+  def grouped(x, fill):
+    x = tf.reshape(x, [g, runs, segment, nbc])
+    x = tf.pad(x, [[0, 0], [0, 0], [0, pad], [0, 0]], constant_values=fill)
+    return tf.reshape(x, [g, runs, groups, n, nbc])
+
+  alive = grouped(tf.convert_to_tensor(kept_before), False)
+  real = grouped(tf.ones_like(kept_before, tf.bool), False)
+  ranked = tf.where(alive, grouped(reps, low), low)
+  order = tf.argsort(ranked, axis=3, direction="DESCENDING", stable=True)
+  rank = tf.argsort(order, axis=3)   # the inverse permutation
+  kept = (rank < n - m) & alive & real
+  kept = tf.reshape(kept, [g, runs, groups * n, nbc])[:, :, :segment]
+  kept = tf.reshape(kept, [g, nbr, nbc])
+  weakest = tf.reduce_min(tf.where(kept, reps, tf.fill(tf.shape(reps),
+                                                       reps.dtype.max)))
+  return kept, weakest
 
 
 def keep_above_threshold(reps, threshold, kept_before):

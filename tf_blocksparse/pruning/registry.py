@@ -1,18 +1,21 @@
 """Which layers hold which prunable weights, in one declarative table.
 
 Three tables drive everything:
-- `WEIGHT_LAYERS`: layers (or RNN cells) that own prunable weights, with the
-  attribute names of those weights and how many gate slices each splits into
-  along its last axis (GRU: 3, LSTM: 4). Block masks are computed per gate
-  slice so that no block straddles two gates.
+- `WEIGHT_LAYERS`: layers (or RNN cells) that own prunable weights, each
+  weight given as a `Spec`: its name, where it lives on the layer, how its
+  last axes split into gate slices (GRU: 3, LSTM: 4, a depthwise kernel:
+  one slice per input channel, an attention projection: one per head) and
+  which axes make the rows of its matrix view (`block_masks.matrix_shape`).
+  Block masks are computed per slice, so no block straddles two gates,
+  channels or heads.
 - `CONTAINERS`: layers that own no weights themselves but hold sublayers
   that do (`Bidirectional`, `RNN(cell)`, `StackedRNNCells`,
   `TimeDistributed`), with a function naming each child.
-- `LEFT_DENSE`: layers that a whole-model pruning pass leaves untouched
-  (no weights, or weights the paper does not prune: embeddings, norms).
+- `LEFT_DENSE`: layers that a whole-model or list pruning pass leaves
+  untouched (no weights, or weights nobody prunes: norms).
 
 A custom layer takes part by defining `get_prunable_weights()` (tfmot's
-protocol); its weights are treated as ungated.
+protocol); its weights, of any rank, are treated as ungated.
 """
 
 import collections
@@ -23,17 +26,60 @@ layers = tf_keras.layers
 
 # How one prunable weight is seen by the masks: `path` names it inside the
 # wrapped layer (unique, used for variable names), `variable` is the weight,
-# `gates` the number of equal slices of its last axis.
-PrunableWeight = collections.namedtuple("PrunableWeight",
-                                        ["path", "variable", "gates"])
+# `gates` the number of equal slices of its matrix view's columns, `row_axes`
+# the axes that make the view's rows (see `block_masks.matrix_shape`).
+PrunableWeight = collections.namedtuple(
+    "PrunableWeight", ["path", "variable", "gates", "row_axes"],
+    defaults=(None,))
 
-# Biases are never listed: they are never pruned.
+# `attr` is a dotted attribute path; `gates` an int or a function of the
+# weight's shape; `row_axes` as in `block_masks.matrix_shape`.
+Spec = collections.namedtuple("Spec", ["name", "attr", "gates", "row_axes"],
+                              defaults=(1, None))
+
+
+def _per_input_channel(shape):
+  return int(shape[-2])
+
+
+def _per_head(shape):
+  return int(shape[1])
+
+
+_DEPTHWISE = Spec("depthwise_kernel", "depthwise_kernel", _per_input_channel,
+                  -2)
+
+# Biases are never listed: they are never pruned. Order matters: the first
+# matching class wins (DepthwiseConv2D and SeparableConv2D are Convs).
 WEIGHT_LAYERS = (
-    (layers.Dense, (("kernel", 1),)),
-    (layers.Conv1D, (("kernel", 1),)),
-    (layers.SimpleRNNCell, (("kernel", 1), ("recurrent_kernel", 1))),
-    (layers.GRUCell, (("kernel", 3), ("recurrent_kernel", 3))),
-    (layers.LSTMCell, (("kernel", 4), ("recurrent_kernel", 4))),
+    (layers.Dense, (Spec("kernel", "kernel"),)),
+    (layers.DepthwiseConv1D, (_DEPTHWISE,)),
+    (layers.DepthwiseConv2D, (_DEPTHWISE,)),
+    (layers.SeparableConv1D,
+     (_DEPTHWISE, Spec("pointwise_kernel", "pointwise_kernel"))),
+    (layers.SeparableConv2D,
+     (_DEPTHWISE, Spec("pointwise_kernel", "pointwise_kernel"))),
+    # Conv1D/2D/3D and their Transpose subclasses.
+    (layers.Conv1D, (Spec("kernel", "kernel"),)),
+    (layers.Conv2D, (Spec("kernel", "kernel"),)),
+    (layers.Conv3D, (Spec("kernel", "kernel"),)),
+    (layers.LocallyConnected1D, (Spec("kernel", "kernel"),)),
+    (layers.LocallyConnected2D, (Spec("kernel", "kernel"),)),
+    (layers.Embedding, (Spec("embeddings", "embeddings"),)),
+    # Projections `[dim, heads, key_dim]` seen as `[dim, heads * key_dim]`
+    # with one slice per head; the output `[heads, key_dim, dim]` as
+    # `[heads * key_dim, dim]`.
+    (layers.MultiHeadAttention,
+     (Spec("query_kernel", "_query_dense.kernel", _per_head, 1),
+      Spec("key_kernel", "_key_dense.kernel", _per_head, 1),
+      Spec("value_kernel", "_value_dense.kernel", _per_head, 1),
+      Spec("output_kernel", "_output_dense.kernel", 1, None))),
+    (layers.SimpleRNNCell, (Spec("kernel", "kernel"),
+                            Spec("recurrent_kernel", "recurrent_kernel"))),
+    (layers.GRUCell, (Spec("kernel", "kernel", 3),
+                      Spec("recurrent_kernel", "recurrent_kernel", 3))),
+    (layers.LSTMCell, (Spec("kernel", "kernel", 4),
+                       Spec("recurrent_kernel", "recurrent_kernel", 4))),
 )
 
 # Order matters: the first matching class wins (GRU and LSTM are RNNs).
@@ -46,25 +92,30 @@ CONTAINERS = (
     (layers.RNN, lambda l: (("cell", l.cell),)),
 )
 
-LEFT_DENSE = (
-    layers.InputLayer, layers.Dropout, layers.SpatialDropout1D,
-    layers.GaussianNoise, layers.GaussianDropout, layers.AlphaDropout,
-    layers.Flatten, layers.Reshape, layers.Permute, layers.RepeatVector,
-    layers.Activation, layers.ReLU, layers.Softmax, layers.LeakyReLU,
-    layers.ELU, layers.Masking, layers.Lambda, layers.ActivityRegularization,
-    layers.BatchNormalization, layers.LayerNormalization, layers.Embedding,
-    layers.MaxPooling1D, layers.AveragePooling1D, layers.GlobalMaxPooling1D,
-    layers.GlobalAveragePooling1D, layers.ZeroPadding1D, layers.Cropping1D,
-    layers.UpSampling1D, layers.Add, layers.Subtract, layers.Multiply,
-    layers.Average, layers.Maximum, layers.Minimum, layers.Concatenate,
-    layers.Dot,
+_LEFT_DENSE_NAMES = (
+    "InputLayer", "Dropout", "SpatialDropout1D", "SpatialDropout2D",
+    "SpatialDropout3D", "GaussianNoise", "GaussianDropout", "AlphaDropout",
+    "Flatten", "Reshape", "Permute", "RepeatVector", "Activation", "ReLU",
+    "Softmax", "LeakyReLU", "ELU", "PReLU", "ThresholdedReLU", "Masking",
+    "Lambda", "Identity", "ActivityRegularization", "BatchNormalization",
+    "LayerNormalization", "GroupNormalization", "UnitNormalization",
+    "MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "AveragePooling1D",
+    "AveragePooling2D", "AveragePooling3D", "GlobalMaxPooling1D",
+    "GlobalMaxPooling2D", "GlobalMaxPooling3D", "GlobalAveragePooling1D",
+    "GlobalAveragePooling2D", "GlobalAveragePooling3D", "ZeroPadding1D",
+    "ZeroPadding2D", "ZeroPadding3D", "Cropping1D", "Cropping2D",
+    "Cropping3D", "UpSampling1D", "UpSampling2D", "UpSampling3D", "Add",
+    "Subtract", "Multiply", "Average", "Maximum", "Minimum", "Concatenate",
+    "Dot", "Rescaling", "CenterCrop", "Resizing", "Normalization",
 )
+LEFT_DENSE = tuple(getattr(layers, name) for name in _LEFT_DENSE_NAMES
+                   if hasattr(layers, name))
 
 
 def supported_names():
   """Human readable list of what can be pruned, for error messages."""
   names = [cls.__name__ for cls, _ in WEIGHT_LAYERS]
-  names += ["SimpleRNN", "GRU", "LSTM", "RNN(cell) incl. StackedRNNCells",
+  names += ["Conv1DTranspose/Conv2DTranspose/Conv3DTranspose", "SimpleRNN", "GRU", "LSTM", "RNN(cell) incl. StackedRNNCells",
             "Bidirectional(<RNN>)", "TimeDistributed(<supported layer>)",
             "any layer defining get_prunable_weights()"]
   return ", ".join(names)
@@ -85,7 +136,17 @@ def _children(layer):
 
 
 def _has_custom_protocol(layer):
-  return callable(getattr(layer, "get_prunable_weights", None))
+  method = getattr(layer, "get_prunable_weights", None)
+  # The wrapper gives its wrapped layer this method (tfmot's helpers call
+  # it); that one must not hide the layer's own table entry.
+  return callable(method) and not getattr(method, "_tfbs_attached", False)
+
+
+def _get_attr(layer, dotted):
+  obj = layer
+  for part in dotted.split("."):
+    obj = getattr(obj, part)
+  return obj
 
 
 def unsupported_reason(layer, _where=""):
@@ -94,8 +155,9 @@ def unsupported_reason(layer, _where=""):
   Works on unbuilt layers: it only looks at classes and sublayers.
   """
   where = _where or f"{type(layer).__name__} layer '{layer.name}'"
-  if _has_custom_protocol(layer) or _weight_spec(layer) is not None:
-    return None
+  if (_has_custom_protocol(layer) or _weight_spec(layer) is not None or
+      is_left_dense(layer)):
+    return None   # a left-dense layer wrapped on its own: nothing pruned
   children = _children(layer)
   if children is None:
     return (f"Cannot block prune {where}: {type(layer).__name__} is not "
@@ -115,8 +177,8 @@ def is_supported(layer):
 
 
 def is_left_dense(layer):
-  """True for layers a whole-model pass leaves as they are."""
-  return isinstance(layer, LEFT_DENSE)
+  """True for layers a whole-model or list pass leaves as they are."""
+  return isinstance(layer, LEFT_DENSE) and not _has_custom_protocol(layer)
 
 
 def prunable_weights(layer, _prefix=""):
@@ -130,10 +192,16 @@ def prunable_weights(layer, _prefix=""):
   if _has_custom_protocol(layer):
     return [PrunableWeight(f"{_prefix}custom{i}", w, 1)
             for i, w in enumerate(layer.get_prunable_weights())]
+  if is_left_dense(layer):
+    return []
   spec = _weight_spec(layer)
   if spec is not None:
-    return [PrunableWeight(_prefix + attr, getattr(layer, attr), gates)
-            for attr, gates in spec]
+    found = []
+    for s in spec:
+      var = _get_attr(layer, s.attr)
+      gates = s.gates(var.shape) if callable(s.gates) else s.gates
+      found.append(PrunableWeight(_prefix + s.name, var, gates, s.row_axes))
+    return found
   children = _children(layer)
   if children is None:
     raise ValueError(unsupported_reason(layer))

@@ -210,6 +210,10 @@ class BlockSchedule:
   def sparsity(self, step):
     return self.schedule(step)[1]
 
+  def window(self):
+    """`(first, last)` step of pruning; last -1 means it never stops."""
+    return pruning_window(self.schedule)
+
   def is_pruning(self, step):
     """True while the schedule is in its pruning window (bool tensor)."""
     first, last = pruning_window(self.schedule)

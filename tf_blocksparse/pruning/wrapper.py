@@ -6,7 +6,9 @@ and keeps tfmot's step protocol: `pruning_step` starts at -1, the callback
 sets it to 0 when training begins, and every training call adds one before
 the masks are (maybe) updated. Each call then writes `weight * mask` into the
 weights before the wrapped layer runs, which also covers RNN cells that read
-their kernels inside a loop.
+their kernels inside a loop. All these writes happen in one cross-replica
+call per training call (see `distributed`), so the wrapper trains under
+`tf.distribute` strategies with identical masks on every replica.
 
 Unlike tfmot's wrapper it masks per gate slice with partial edge blocks,
 wraps `Bidirectional`/`RNN(cell)`/`TimeDistributed`, names every variable
@@ -29,10 +31,7 @@ from tf_blocksparse.pruning import mask_update
 from tf_blocksparse.pruning import registry
 from tf_blocksparse.pruning import schedules
 
-_MISSING_CALLBACK = (
-    "Block pruning needs the tf_blocksparse.UpdatePruningStep (or tfmot's) "
-    "callback during training: model.fit(..., callbacks=["
-    "tfbs.UpdatePruningStep()]).")
+_MISSING_CALLBACK = mask_update._MISSING_CALLBACK
 
 
 def default_schedule():
@@ -53,6 +52,8 @@ class PruneBlockLowMagnitude(tfmot_wrapper.PruneLowMagnitude):
     block_pooling: block representative, `"max"`, `"avg"` or `"l2"`.
     group_lasso: strength of the group-lasso penalty added to the losses
       while the schedule is pruning (0 disables it).
+    sparsity_m_by_n: `(m, n)` to prune m of every n consecutive blocks
+      along the input axis (tfmot's 2:4 with block (1, 1)), or None.
 
   Example:
 
@@ -64,7 +65,8 @@ class PruneBlockLowMagnitude(tfmot_wrapper.PruneLowMagnitude):
   """
 
   def __init__(self, layer, pruning_schedule=None, block_size=(4, 4),
-               block_pooling="max", group_lasso=0.0, **kwargs):
+               block_pooling="max", group_lasso=0.0, sparsity_m_by_n=None,
+               **kwargs):
     checks.reject_keras3(layer)
     if not isinstance(layer, tf_keras.layers.Layer):
       raise TypeError(f"PruneBlockLowMagnitude wraps a tf_keras layer, got "
@@ -83,9 +85,11 @@ class PruneBlockLowMagnitude(tfmot_wrapper.PruneLowMagnitude):
     self.group_lasso = checks.non_negative("group_lasso", group_lasso)
     if self.group_lasso:
       schedules.pruning_window(self.pruning_schedule)  # raises if unknown
-    # tfmot's attributes, read by some of its helpers.
+    self.sparsity_m_by_n = block_masks.check_m_by_n(sparsity_m_by_n)
+    if self.sparsity_m_by_n is not None:
+      schedules.pruning_window(self.pruning_schedule)  # raises if unknown
+    # tfmot's attribute, read by some of its helpers.
     self.block_pooling_type = self.block_pooling.upper()
-    self.sparsity_m_by_n = None
     self.pruning_obj = None
     self.pruning_vars = []
     self.masked_weights = []
@@ -98,6 +102,8 @@ class PruneBlockLowMagnitude(tfmot_wrapper.PruneLowMagnitude):
         hasattr(layer, "_batch_input_shape")):
       self._batch_input_shape = layer._batch_input_shape
     self.supports_masking = getattr(layer, "supports_masking", False)
+    _give_get_prunable_weights(layer)
+    self._call_arguments = _call_arguments(layer)
 
   def build(self, input_shape):
     tf_keras.layers.Wrapper.build(self, input_shape)
@@ -105,8 +111,9 @@ class PruneBlockLowMagnitude(tfmot_wrapper.PruneLowMagnitude):
     for target in registry.prunable_weights(self.layer):
       var = target.variable
       dtype = getattr(var, "true_dtype", var.dtype)
-      block_masks.block_grid(block_masks.matrix_shape(var.shape),
-                             self.block_size, target.gates)
+      block_masks.block_grid(
+          block_masks.matrix_shape(var.shape, target.row_axes),
+          self.block_size, target.gates)
       # Unique names: h5 files key the weights of a layer by name.
       mask = self.add_weight(
           f"{target.path}_mask", shape=var.shape, dtype=dtype,
@@ -121,16 +128,18 @@ class PruneBlockLowMagnitude(tfmot_wrapper.PruneLowMagnitude):
           initializer=tf_keras.initializers.Constant(-1.0), trainable=False,
           aggregation=tf.VariableAggregation.MEAN)
       masked.append(mask_update.MaskedWeight(target.path, var, target.gates,
-                                             mask, threshold, q))
+                                             mask, threshold, q,
+                                             target.row_axes))
     self.masked_weights = masked
     self.pruning_vars = [(m.weight, m.mask, m.threshold) for m in masked]
+    self.prunable_weights = [m.weight for m in masked]   # tfmot's attribute
     self.pruning_step = self.add_weight(
         "pruning_step", shape=[], dtype=tf.int64,
         initializer=tf_keras.initializers.Constant(-1), trainable=False)
     self.block_schedule = schedules.as_block_schedule(self.pruning_schedule)
     self.pruning_obj = mask_update.BlockPruning(
-        masked, lambda: self.pruning_step, self.block_schedule,
-        self.block_size, self.block_pooling)
+        masked, self.pruning_step, self.block_schedule,
+        self.block_size, self.block_pooling, self.sparsity_m_by_n)
     if self.group_lasso:
       self.add_loss(self.group_lasso_penalty)
     self.built = True
@@ -141,23 +150,31 @@ class PruneBlockLowMagnitude(tfmot_wrapper.PruneLowMagnitude):
     return (tf.cast(active, tf.float32) * self.group_lasso *
             self.pruning_obj.group_lasso())
 
+  def __call__(self, inputs, *args, **kwargs):
+    if args:
+      # Name extra positional inputs (attention's `value`, `key`) after the
+      # wrapped layer's call, so Keras records them in the functional
+      # config and clones/loads pass them again.
+      names = [p.name for p in list(inspect.signature(
+          self.layer.call).parameters.values())[1:]]
+      if len(args) > len(names):
+        raise TypeError(f"{type(self.layer).__name__}.call takes at most "
+                        f"{len(names) + 1} positional arguments, got "
+                        f"{len(args) + 1}.")
+      kwargs.update(zip(names, args))
+    _build_attention(self.layer, (inputs,), kwargs)
+    return super().__call__(inputs, **kwargs)
+
   def call(self, inputs, training=None, **kwargs):
     if training is None:
       training = tf_keras.backend.learning_phase()
-
-    def train_step_updates():
-      step = self.pruning_step.assign_add(1)
-      with tf.control_dependencies([step]):
-        check = tf.debugging.assert_greater_equal(
-            self.pruning_step, tf.constant(1, tf.int64),
-            message=_MISSING_CALLBACK)
-      with tf.control_dependencies([check]):
-        return self.pruning_obj.conditional_mask_update()
-
-    checks.smart_cond(training, train_step_updates,
-                      lambda: tf.constant(False))
-    self.pruning_obj.weight_mask_op()
-    if "training" in inspect.getfullargspec(self.layer.call).args:
+    self.pruning_obj.training_call(training)
+    accepted = self._call_arguments
+    if accepted is not None:
+      # e.g. the `mask` Keras hands to us after a Masking layer, which
+      # Dense.call does not take.
+      kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    if accepted is None or "training" in accepted:
       kwargs["training"] = training
     return self.layer.call(inputs, **kwargs)
 
@@ -182,6 +199,7 @@ class PruneBlockLowMagnitude(tfmot_wrapper.PruneLowMagnitude):
         "block_size": self.block_size,
         "block_pooling": self.block_pooling,
         "group_lasso": self.group_lasso,
+        "sparsity_m_by_n": self.sparsity_m_by_n,
     })
     return config
 
@@ -193,7 +211,59 @@ class PruneBlockLowMagnitude(tfmot_wrapper.PruneLowMagnitude):
     config["layer"] = tf_keras.layers.deserialize(
         config["layer"], custom_objects=custom_objects)
     config["block_size"] = tuple(config["block_size"])
+    if config.get("sparsity_m_by_n") is not None:
+      config["sparsity_m_by_n"] = tuple(config["sparsity_m_by_n"])
     return cls(**config)
+
+
+def _build_attention(layer, args, kwargs):
+  """MultiHeadAttention creates its projections from the shapes of query,
+  value and key on its first call (or from its config, unbuilt), and Keras
+  builds a wrapper from the first input only; build them here, so the
+  wrapper finds the kernels."""
+  if not isinstance(layer, tf_keras.layers.MultiHeadAttention):
+    return
+  # pylint: disable=protected-access
+  with tf.init_scope():
+    if not layer._built_from_signature:
+      names = ("query", "value", "key")
+      given = dict(zip(names, args))
+      given.update({k: kwargs[k] for k in names if k in kwargs})
+      if "query" not in given or "value" not in given:
+        return   # Keras raises its own error for the missing input
+      layer._build_from_signature(query=given["query"], value=given["value"],
+                                  key=given.get("key"))
+    # The projections build on first use; the output one reads the heads'
+    # outputs, `[..., heads, value_dim]`.
+    shapes = ((layer._query_dense, layer._query_shape),
+              (layer._key_dense, layer._key_shape),
+              (layer._value_dense, layer._value_shape),
+              (layer._output_dense, layer._query_shape[:-1].concatenate(
+                  [layer._num_heads, layer._value_dim])))
+    for sublayer, shape in shapes:
+      if not sublayer.built:
+        sublayer.build(shape)
+
+
+def _call_arguments(layer):
+  """Names `layer.call` takes besides its inputs; None if it takes any."""
+  params = inspect.signature(layer.call).parameters.values()
+  if any(p.kind is p.VAR_KEYWORD for p in params):
+    return None
+  return frozenset(p.name for p in params)
+
+
+def _give_get_prunable_weights(layer):
+  """Gives `layer` tfmot's `get_prunable_weights()`, which tfmot's helpers
+  call on `wrapper.layer`, unless it has its own."""
+  if callable(getattr(layer, "get_prunable_weights", None)):
+    return
+
+  def get_prunable_weights():
+    return [w.variable for w in registry.prunable_weights(layer)]
+
+  get_prunable_weights._tfbs_attached = True   # pylint: disable=protected-access
+  layer.get_prunable_weights = get_prunable_weights
 
 
 def collect_block_pruning_layers(model):
