@@ -63,8 +63,8 @@ def _load():
     try:
       lib = tf.load_op_library(path)
     except (tf.errors.NotFoundError, OSError) as e:
-      _state["error"] = (f"loading {path} failed: {e}. It was probably built "
-                         "against another TensorFlow; reinstall tf_blocksparse "
+      _state["error"] = (f"loading {path} failed: {e}. If it was built "
+                         "against another TensorFlow, reinstall tf_blocksparse "
                          "so that it is compiled against this one")
       return None
     missing = [op for op in EXPECTED_OPS if not hasattr(lib, op)]
@@ -132,7 +132,8 @@ def library():
 
 
 def custom_ops_available():
-  """True when the compiled op library is loaded (and not switched off)."""
+  """True when the compiled op library is loaded, registers every op the
+  package calls, and is not switched off; `load_error()` says why not."""
   return _load() is not None and getattr(_override, "enabled", True) is not False
 
 
