@@ -249,11 +249,14 @@ def test_the_wheel_runs_compiled_ops_in_a_fresh_venv(wheel, tmp_path):
   python = str(venv / "bin" / "python")
   venv_site = subprocess.run([python, "-c", "import site; print(site.getsitepackages()[0])"],
                              capture_output=True, text=True, check=True).stdout.strip()
+  # Installed before TensorFlow's folder is made visible: that folder may
+  # hold an installed tf_blocksparse, which pip would take as "already
+  # satisfied" (and one pip must never touch).
+  subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel],
+                 cwd=str(tmp_path), env=env, check=True)
   tf_site = os.path.dirname(os.path.dirname(tf.__file__))
   with open(os.path.join(venv_site, "outer_tensorflow.pth"), "w") as f:
     f.write(tf_site + "\n")
-  subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel],
-                 cwd=str(tmp_path), env=env, check=True)
   code = textwrap.dedent("""
       import json, numpy as np, tf_blocksparse as tfbs
       rng = np.random.default_rng(0)
