@@ -1,35 +1,42 @@
-"""Installs tf_blocksparse and compiles its TensorFlow ops.
+"""Builds tf_blocksparse and compiles its TensorFlow ops.
 
-The op library must be compiled against the TensorFlow that will load it,
-so the build imports the installed `tensorflow` for its flags. pip's
-isolated build environment would not see it; install with
-
-    pip install -r requirements.txt
-    pip install --no-build-isolation -e .
+`pip install .` (or `pip install -e .`, `pip wheel .`, `python -m build`)
+is all it takes: pyproject.toml asks pip for setuptools and the pinned
+TensorFlow in its isolated build environment, and the op library is compiled
+against that TensorFlow, the same release that the package then requires
+and checks at import (`tf_blocksparse/_tf_version.py`: its C++ ABI changes
+between minor releases). With `--no-build-isolation`, install
+`requirements.txt` first.
 
 Two libraries are built into `tf_blocksparse/ops/`:
-- `_tf_blocksparse_ops`: op registrations and CPU kernels (always);
+- `_tf_blocksparse_ops`: op registrations and CPU kernels (always). A
+  missing source, a compile error or a library that does not register every
+  op stops the build with a message: an incomplete library must never be
+  installed.
 - `_tf_blocksparse_ops_gpu`: CUDA kernels, when `nvcc` is found (on PATH or
   in /usr/local/cuda/bin), linked against the static CUDA runtime so that
   the library still loads on a machine without CUDA. Set
-  `TF_BLOCKSPARSE_CUDA=0` to skip it.
+  `TF_BLOCKSPARSE_CUDA=0` to skip it; if it fails to build, the build goes
+  on without it (the CPU library is complete) and says so.
 The arithmetic kernels are compiled once per instruction set (baseline
 x86-64-v2, AVX2+FMA, AVX-512; `ops/cpu_isa.h`) into the same library, and
 the widest one the CPU supports is chosen at run time, so one build runs on
 any x86-64 machine (no `-march=native`). Elsewhere only the baseline is
 built. `TF_BLOCKSPARSE_ISA` forces a path at run time.
+
+Package metadata is in pyproject.toml; this file only builds the libraries.
 """
 
 import concurrent.futures
 import fnmatch
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 from setuptools import Extension
-from setuptools import find_packages
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
@@ -78,8 +85,49 @@ def baseline_flags():
   return ["-march=x86-64-v2", "-mtune=generic"] if _is_x86_64() else []
 
 
+class BuildError(RuntimeError):
+  """The op library cannot be built; the message says why and what to do."""
+
+
+def tf_series():
+  """TF_SERIES of tf_blocksparse/_tf_version.py, read without importing it."""
+  with open(os.path.join(HERE, "tf_blocksparse", "_tf_version.py"), encoding="utf-8") as f:
+    return re.search(r'^TF_SERIES = "([0-9.]+)"', f.read(), re.M).group(1)
+
+
+def registered_ops():
+  """Python names of the ops ops/*_ops.cc register (`TfbsBsrMatmul` ->
+  `tfbs_bsr_matmul`), which the built library must provide."""
+  names = []
+  for src in CPU_TF_SOURCES:
+    with open(os.path.join(HERE, src), encoding="utf-8") as f:
+      names += re.findall(r'REGISTER_OP\("(\w+)"\)', f.read())
+  return [re.sub(r"(?<!^)(?=[A-Z])", "_", n).lower() for n in names]
+
+
+def _tensorflow():
+  series = tf_series()
+  try:
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise BuildError(
+        f"building the tf_blocksparse ops needs TensorFlow {series} in the "
+        f"build environment, and it cannot be imported ({e}). Install with "
+        "build isolation on (`pip install .`: pyproject.toml brings it), or "
+        "with --no-build-isolation install the pinned stack first: "
+        "`pip install -r requirements.txt`.") from e
+  found = re.match(r"\d+\.\d+", tf.__version__).group(0)
+  if found != series:
+    raise BuildError(
+        f"the build environment has TensorFlow {tf.__version__}, but "
+        f"tf_blocksparse is built for and requires TensorFlow {series}.x (the "
+        f"op library is tied to its C++ ABI): `pip install \"tensorflow=={series}.*\"` "
+        "in the build environment, or build with isolation on.")
+  return tf
+
+
 def _tf_flags():
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  tf = _tensorflow()
   return tf.sysconfig.get_compile_flags(), tf.sysconfig.get_link_flags()
 
 
@@ -104,6 +152,14 @@ def _cuda_home(nvcc):
 def _run(cmd):
   print(" ".join(cmd), flush=True)
   subprocess.run(cmd, check=True, cwd=HERE)
+
+
+def _check_library(path, expected):
+  """Loads the built library and checks that every op is registered."""
+  lib = _tensorflow().load_op_library(path)
+  missing = [op for op in expected if not hasattr(lib, op)]
+  if missing:
+    raise BuildError(f"{path} was built but does not register {missing}")
 
 
 class BuildTfOps(build_ext):
@@ -139,6 +195,15 @@ class BuildTfOps(build_ext):
       list(pool.map(_run, jobs))
 
   def _build_cpu(self, out, tmp):
+    groups = {"ops/*_cpu_kernels.cc": CPU_ARITHMETIC_SOURCES,
+              "ops/cpu_*.cc": CPU_DISPATCH_SOURCES, "ops/*_ops.cc": CPU_TF_SOURCES}
+    empty = [pattern for pattern, found in groups.items() if not found]
+    if empty or not registered_ops():
+      raise BuildError(
+          f"no C++ sources match {empty or 'ops/*_ops.cc with REGISTER_OP'} "
+          f"under {HERE}: this source tree or source distribution is "
+          "incomplete (an sdist must carry ops/, see MANIFEST.in). Install "
+          "from the git repository or a complete sdist.")
     tf_cflags, tf_lflags = _tf_flags()
     objs, jobs = [], []
     for src in CPU_ARITHMETIC_SOURCES:
@@ -157,8 +222,15 @@ class BuildTfOps(build_ext):
       jobs.append(["g++", "-O2", "-fPIC", "-Wno-deprecated-declarations",
                    *tf_cflags, "-c", src, "-o", obj])
       objs.append(obj)
-    self._compile_all(jobs)
-    _run(["g++", "-shared", *objs, "-o", out, *tf_lflags])
+    try:
+      self._compile_all(jobs)
+      _run(["g++", "-shared", *objs, "-o", out, *tf_lflags])
+    except (subprocess.CalledProcessError, OSError) as e:
+      raise BuildError(
+          f"building the CPU op library failed ({e}); the compiler's messages "
+          "are above. It is required (g++ with C++17), so the install stops "
+          "here rather than install a package without it.") from e
+    _check_library(out, registered_ops())
 
   def _build_gpu(self, out, tmp):
     nvcc = _nvcc()
@@ -186,19 +258,6 @@ class BuildTfOps(build_ext):
 
 
 setup(
-    name="tf_blocksparse",
-    version="0.1.0",
-    description="Block-sparse recurrent networks for TensorFlow / tf_keras",
-    packages=find_packages(include=["tf_blocksparse", "tf_blocksparse.*"]),
-    python_requires=">=3.11",
-    install_requires=[
-        "tensorflow==2.21.*",
-        "tf_keras==2.21.*",
-        "tensorflow-model-optimization==0.8.1",
-        "numpy",
-        "absl-py",
-    ],
-    extras_require={"test": ["pytest"], "plot": ["matplotlib"]},
     ext_modules=[
         Extension("tf_blocksparse.ops._tf_blocksparse_ops", sources=[]),
         Extension("tf_blocksparse.ops._tf_blocksparse_ops_gpu", sources=[]),

@@ -518,8 +518,8 @@ def main(argv=None):
   # Every timer is its own tf.function: TF's retracing warnings are noise here.
   tf.get_logger().setLevel("ERROR")
   if not tfbs.ops.custom_ops_available():
-    raise SystemExit("the compiled ops are not loaded: build with "
-                     "`pip install --no-build-isolation -e .` first")
+    raise SystemExit("the compiled ops are not loaded: "
+                     f"{tfbs.ops._loader.load_error()}")  # pylint: disable=protected-access
   meta = {**benchmarking.machine_meta(), "mode": args.mode, "repeats": args.repeats,
           "budget_s": args.budget, "statistic": "median of interleaved repeats",
           "per_call_target_us": PER_CALL_TARGET_US}

@@ -25,8 +25,12 @@ def test_every_source_file_is_matched_by_a_pattern():
 
 
 def _compiled_library():
+  # The library of the package under test: after `pip install .` it is in
+  # site-packages, not in the source tree.
   import glob  # pylint: disable=import-outside-toplevel
-  found = glob.glob(os.path.join(ROOT, "tf_blocksparse", "ops", "_tf_blocksparse_ops.*so"))
+  import tf_blocksparse.ops  # pylint: disable=import-outside-toplevel
+  found = glob.glob(os.path.join(os.path.dirname(tf_blocksparse.ops.__file__),
+                                 "_tf_blocksparse_ops.*so"))
   return found[0] if found else None
 
 

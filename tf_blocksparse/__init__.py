@@ -1,5 +1,10 @@
 """tf_blocksparse: block-sparse recurrent networks for TensorFlow / tf_keras."""
 
+# First, so that another TensorFlow fails here with what to install rather
+# than later on an undefined symbol or a Keras mismatch.
+from tf_blocksparse import _tf_version
+_tf_version.check_installed()
+
 from tf_blocksparse import ops
 from tf_blocksparse.bsr import BlockSparseMatrix
 

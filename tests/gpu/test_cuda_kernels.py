@@ -13,19 +13,22 @@ import subprocess
 import pytest
 import tensorflow as tf
 
+import tf_blocksparse as tfbs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc"
                                 if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
+# The libraries of the package under test (in site-packages after `pip install .`).
+OPS_DIR = os.path.dirname(tfbs.ops.__file__)
 
 
 @needs_nvcc
 def test_gpu_op_library_was_built_and_loads():
-  libs = glob.glob(os.path.join(ROOT, "tf_blocksparse", "ops", "_tf_blocksparse_ops_gpu*.so"))
+  libs = glob.glob(os.path.join(OPS_DIR, "_tf_blocksparse_ops_gpu*.so"))
   assert libs, "setup.py found nvcc but did not build the CUDA kernels"
   # Linked against the static CUDA runtime: loads on a machine without CUDA.
-  tf.load_op_library(glob.glob(os.path.join(
-      ROOT, "tf_blocksparse", "ops", "_tf_blocksparse_ops.*so"))[0])
+  tf.load_op_library(glob.glob(os.path.join(OPS_DIR, "_tf_blocksparse_ops.*so"))[0])
   tf.load_op_library(libs[0])
 
 

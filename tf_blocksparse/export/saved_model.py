@@ -51,8 +51,8 @@ def custom_op_library_path():
   paths = sorted(glob.glob(os.path.join(_loader._HERE, "_tf_blocksparse_ops.*so")))  # pylint: disable=protected-access
   if not paths:
     raise FileNotFoundError(
-        "the compiled library _tf_blocksparse_ops*.so is missing; reinstall "
-        "tf_blocksparse with `pip install --no-build-isolation .`")
+        "the compiled library _tf_blocksparse_ops*.so is missing: "
+        f"{_loader.load_error()}")
   return paths[0]
 
 
