@@ -1,5 +1,6 @@
 """`bsr_matmul(x, matrix)`: dense `x @ W` for a block-sparse `W`."""
 
+import numpy as np
 import tensorflow as tf
 
 from tf_blocksparse.bsr import validation
@@ -94,15 +95,29 @@ def _matmul_2d(x, matrix):
 
 
 def _matmul_nd(x, matrix):
-  """`x [..., K]` of any other rank, through a 2-D `[-1, K]` view."""
+  """`x [..., K]` of any other rank, through a 2-D `[rows, K]` view.
+
+  The view keeps x's own last dimension, so that a wrong one still fails
+  in the product (a `[-1, K]` view would reinterpret the data), and counts
+  its rows explicitly (`-1` makes one row out of none when K = 0).
+  """
   k, n = matrix.shape
   batch = x.shape[:-1]
-  if batch.is_fully_defined():
-    # Static batch shape: plain reshapes, no shape ops to run per call.
-    y2 = _matmul_2d(tf.reshape(x, [-1, k]), matrix)
+  if batch.is_fully_defined() and x.shape[-1] is not None:
+    # Static shape: plain reshapes, no shape ops to run per call.
+    rows = int(np.prod(batch.as_list(), dtype=np.int64))
+    y2 = _matmul_2d(tf.reshape(x, [rows, k]), matrix)
     return tf.reshape(y2, batch.as_list() + [n])
-  batch_shape = tf.shape(x)[:-1]
-  y2 = _matmul_2d(tf.reshape(x, [-1, k]), matrix)
+  if x.shape.rank is None:
+    rank = tf.rank(x)
+    with tf.control_dependencies([validation.check(
+        rank >= 1, lambda: validation.fmt("x must have rank >= 1, got rank {}",
+                                          rank))]):
+      x = tf.identity(x)
+  shape = tf.shape(x)
+  batch_shape = shape[:-1]
+  y2 = _matmul_2d(tf.reshape(x, tf.stack([tf.reduce_prod(batch_shape),
+                                          shape[-1]])), matrix)
   y = tf.reshape(y2, tf.concat([batch_shape, [n]], axis=0))
   if x.shape.rank is not None:
     y.set_shape(batch.concatenate([n]))

@@ -2,7 +2,9 @@
 
 Only stock ops (pad, gather, einsum, unsorted_segment_sum), so it runs
 anywhere TensorFlow runs and TensorFlow differentiates it; the compiled
-kernels are tested against it.
+kernels are tested against it. The structure and the operands are checked
+with graph assertions that give the C++ kernels' messages, and the padding
+of the edge blocks is ignored as the kernels ignore it (see `bsr_matmul`).
 """
 
 import tensorflow as tf
@@ -17,22 +19,47 @@ def bsr_matmul_2d(x, matrix):
   row_ids = validation.structure_assertions(
       tf.shape(matrix.values)[0], matrix.col_indices, matrix.row_ptr,
       matrix.shape, matrix.block_size)
+  if x.shape[1] is None:  # else checked while tracing
+    cols = tf.shape(x, out_type=tf.int64)[1]
+    with tf.control_dependencies([validation.check(
+        tf.equal(cols, k), lambda: validation.fmt(
+            "x has {} columns but the sparse matrix has K = " f"{k}", cols))]):
+      x = tf.identity(x)
+  values = _without_padding(matrix, row_ids)
   m = tf.shape(x)[0]
   x_blocks = tf.reshape(tf.pad(x, [[0, 0], [0, nbr * bh - k]]), [m, nbr, bh])
   gathered = tf.gather(x_blocks, row_ids, axis=1)            # [M, nnzb, bh]
-  products = tf.einsum("mpi,pio->pmo", gathered, matrix.values)  # [nnzb, M, bw]
+  products = tf.einsum("mpi,pio->pmo", gathered, values)     # [nnzb, M, bw]
   summed = tf.math.unsorted_segment_sum(products, matrix.col_indices, nbc)
   y = tf.reshape(tf.transpose(summed, [1, 0, 2]), [m, nbc * bw])
   return y[:, :n]
 
 
+def _without_padding(matrix, row_ids):
+  """The block values with the edge blocks' padding set to zero.
+
+  The padding is ignored (the compiled kernels never read it): multiplied
+  with the zero-padded operand, a NaN or Inf stored there would still give
+  NaN. `tf.where`, so its gradient there is zero too, as the kernels'.
+  """
+  (k, n), (bh, bw) = matrix.shape, matrix.block_size
+  values = matrix.values
+  if k % bh == 0 and n % bw == 0:
+    return values
+  rows = row_ids[:, None] * bh + tf.range(bh)[None, :] < k        # [nnzb, bh]
+  cols = (matrix.col_indices[:, None] * bw + tf.range(bw)[None, :]) < n
+  keep = rows[:, :, None] & cols[:, None, :]
+  return tf.where(keep, values, tf.zeros([], values.dtype))
+
+
 def bsr_values_grad_2d(x, dy, matrix):
   """Gradient of `x @ W` with respect to the block values, `[nnzb, bh, bw]`.
 
-  `x` [M, K], `dy` [M, N]: the blocks of `x^T dy` at the stored positions.
-  One dense product rather than per-block gathers: for the large M of a
-  whole sequence (batch * time) gathering `[M, nnzb, bh]` slices would need
-  far more memory than the `[K, N]` product.
+  `x` [M, K], `dy` [M, N]: the blocks of `x^T dy` at the stored positions
+  (zero in the padding, which x and dy do not reach). One dense product
+  rather than per-block gathers: for the large M of a whole sequence
+  (batch * time) gathering `[M, nnzb, bh]` slices would need far more
+  memory than the `[K, N]` product.
   """
   (k, n), (bh, bw) = matrix.shape, matrix.block_size
   nbr, nbc = matrix.block_grid
@@ -43,4 +70,6 @@ def bsr_values_grad_2d(x, dy, matrix):
   dy = tf.pad(dy, [[0, 0], [0, nbc * bw - n]])
   full = tf.matmul(x, dy, transpose_a=True)                  # [nbr*bh, nbc*bw]
   blocks = tf.transpose(tf.reshape(full, [nbr, bh, nbc, bw]), [0, 2, 1, 3])
-  return tf.gather_nd(blocks, tf.stack([row_ids, matrix.col_indices], axis=1))
+  grad = tf.gather_nd(blocks, tf.stack([row_ids, matrix.col_indices], axis=1))
+  # gather_nd of no indices has an unknown block shape; the values' is known.
+  return tf.reshape(grad, [-1, bh, bw])
