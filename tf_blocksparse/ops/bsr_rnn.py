@@ -113,7 +113,9 @@ def lstm_sequence(x_proj, h0, c0, recurrent, mask=None, activation="tanh",
           recurrent_activation=recurrent_activation,
           go_backwards=go_backwards, zero_output_for_mask=zero_output_for_mask)
 
-    out, h, c = _sequence(loop, fused, recurrent, [x_proj, *states], acts)
+    checks = lambda: _runtime_checks(4, recurrent, x_proj, states, mask)
+    out, h, c = _sequence(loop, fused, recurrent, [x_proj, *states], acts,
+                          checks=checks)
     return out, h, c
 
 
@@ -151,10 +153,18 @@ def gru_sequence(x_proj, h0, recurrent, recurrent_bias=None, mask=None,
     units = recurrent.shape[0]
     if recurrent_bias is not None:
       recurrent_bias = tf.convert_to_tensor(recurrent_bias, x_proj.dtype)
-      if recurrent_bias.shape.rank != 1 or recurrent_bias.shape[0] != 3 * units:
+      if recurrent_bias.shape.rank != 1 or not recurrent_bias.shape.is_compatible_with(
+          [3 * units]):
         raise validation.invalid(
             f"recurrent_bias must have shape [{3 * units}], got "
             f"{recurrent_bias.shape}")
+      if recurrent_bias.shape[0] is None:
+        # Checked at run time (the op, or the loop's checks); an empty
+        # vector means no bias there, as in the op.
+        bias = recurrent_bias
+        recurrent_bias = tf.cond(tf.equal(tf.size(bias), 0),
+                                 lambda: tf.zeros([3 * units], bias.dtype),
+                                 lambda: bias)
     acts = (activation, recurrent_activation)
     options = dict(mask=mask, go_backwards=go_backwards,
                    zero_output_for_mask=zero_output_for_mask)
@@ -177,9 +187,11 @@ def gru_sequence(x_proj, h0, recurrent, recurrent_bias=None, mask=None,
     inputs = [x_proj, *states]
     if recurrent_bias is not None:
       inputs.append(recurrent_bias)
+    checks = lambda: _runtime_checks(3, recurrent, x_proj, states, mask,
+                                     recurrent_bias)
     # Without reset_after a step has a second product, (r * h) @ U.
     out, h = _sequence(loop, fused, recurrent, inputs, acts,
-                       products=1 if reset_after else 2)
+                       products=1 if reset_after else 2, checks=checks)
     return out, h
 
 
@@ -216,8 +228,9 @@ def simple_rnn_sequence(x_proj, h0, recurrent, mask=None, activation="tanh",
           recurrent.row_ptr, _dense_shape(recurrent), activation=activation,
           go_backwards=go_backwards, zero_output_for_mask=zero_output_for_mask)
 
+    checks = lambda: _runtime_checks(1, recurrent, x_proj, states, mask)
     out, h = _sequence(loop, fused, recurrent, [x_proj, *states],
-                       (activation,))
+                       (activation,), checks=checks)
     return out, h
 
 
@@ -276,6 +289,58 @@ def _check_inputs(kind, gates, x_proj, states, recurrent, mask):
   return x_proj, checked, mask
 
 
+def _runtime_checks(gates, recurrent, x_proj, states, mask, bias=None):
+  """The op's shape checks, as graph assertions for the TF loop.
+
+  Only where a dimension is unknown while tracing (the static checks above
+  cover the rest), with the op's messages and in its order: a TF loop would
+  otherwise broadcast a state or mask of batch 1, or accept a longer mask.
+  Returns the control dependencies (none when everything is static).
+  """
+  tensors = [x_proj, *states] + [t for t in (mask, bias) if t is not None]
+  if all(t.shape.is_fully_defined() for t in tensors):
+    return []
+  units, width = recurrent.shape
+  xs = tf.shape(x_proj, out_type=tf.int64)
+  h0 = tf.shape(states[0], out_type=tf.int64)
+  fmt = validation.fmt
+  conditions = [
+      (tf.equal(h0[0], xs[0]),
+       lambda: fmt("initial state h0 has batch size {} but x_proj has {}",
+                   h0[0], xs[0])),
+      (tf.equal(xs[2], gates * h0[1]),
+       lambda: fmt("x_proj has {} columns but " f"{gates}" " gates of {} units "
+                   "need {}", xs[2], h0[1], gates * h0[1])),
+  ]
+  if len(states) > 1:
+    c0 = tf.shape(states[1], out_type=tf.int64)
+    conditions.append(
+        (tf.reduce_all(tf.equal(c0, h0)),
+         lambda: tf.strings.join([
+             "initial state c0 must have the shape of h0 ",
+             validation.shape_string(h0), ", got ", validation.shape_string(c0)])))
+  if mask is not None:
+    ms = tf.shape(mask, out_type=tf.int64)
+    conditions.append(
+        (tf.reduce_all(tf.equal(ms, xs[:2])),
+         lambda: tf.strings.join([
+             fmt("mask must have shape [batch, time] = [{}, {}] or be empty, "
+                 "got ", xs[0], xs[1]), validation.shape_string(ms)])))
+  if bias is not None:
+    bs = tf.shape(bias, out_type=tf.int64)
+    conditions.append(
+        (tf.equal(bs[0], gates * h0[1]),
+         lambda: tf.strings.join([
+             fmt("recurrent_bias must have shape [{}] or be empty, got ",
+                 gates * h0[1]), validation.shape_string(bs)])))
+  conditions.append(
+      (tf.equal(h0[1], units),
+       lambda: fmt("the recurrent matrix must be [units, " f"{gates}"
+                   " * units] = [{}, {}], got " f"[{units}, {width}]",
+                   h0[1], gates * h0[1])))
+  return [validation.first_failure(conditions)]
+
+
 def _fusable(dtype, activations):
   return dtype in _KERNEL_DTYPES and all(
       isinstance(a, str) and a in FUSED_ACTIVATIONS for a in activations)
@@ -301,18 +366,26 @@ def _flat(result):
 # --- running and differentiating a sequence -----------------------------------
 
 
-def _sequence(loop, fused, recurrent, inputs, activations, products=1):
+def _sequence(loop, fused, recurrent, inputs, activations, products=1,
+              checks=None):
   """Runs `fused(lib, values, *inputs)`, or the TF `loop` without the library.
 
   `loop(values, *inputs, probes=())` is the differentiable recurrence (see
-  `_loop`); `products` is the number of recurrent products in one step.
-  Returns `(outputs, *final_states)`.
+  `_loop`); `products` is the number of recurrent products in one step;
+  `checks()` gives the run-time shape checks the loop needs (the op makes
+  its own). Returns `(outputs, *final_states)`.
   """
   values = tf.convert_to_tensor(recurrent.values)
-  if not _fusable(values.dtype, activations):
+  fusable = _fusable(values.dtype, activations)
+  lib = _loader.library() if fusable else None
+  if lib is None and checks is not None:
+    deps = checks()
+    if deps:
+      with tf.control_dependencies(deps):
+        inputs = [tf.identity(inputs[0]), *inputs[1:]]
+  if not fusable:
     # A callable (which may hold variables) or a half type: plain autodiff.
     return _flat(loop(values, *inputs))
-  lib = _loader.library()
   if lib is None:
     forward = lambda *args: _flat(loop(*args))
   else:
@@ -463,10 +536,19 @@ def _loop(step, x_proj, states, mask, go_backwards, zero_output_for_mask,
   _, out_ta, _, states, tap_tas = tf.while_loop(
       lambda t, *_: t < time, body,
       (0, out_ta, prev_out, list(states), tap_tas))
-  outputs = tf.transpose(out_ta.stack(), [1, 0, 2])
+  outputs = tf.transpose(_stack(out_ta, time, states[0]), [1, 0, 2])
   if probes:
-    return outputs, states, [ta.stack() for ta in tap_tas]
+    return outputs, states, [_stack(ta, time, states[0]) for ta in tap_tas]
   return outputs, states
+
+
+def _stack(ta, time, like):
+  """`ta.stack()`, also for no steps with an element shape known only at
+  run time (TensorArray cannot stack an empty list of unknown shape)."""
+  if like.shape.is_fully_defined():
+    return ta.stack()
+  empty = lambda: tf.zeros(tf.concat([[0], tf.shape(like)], 0), like.dtype)
+  return tf.cond(time > 0, ta.stack, empty)
 
 
 def _unstacked(tensor):

@@ -1,6 +1,6 @@
 """Pure-TensorFlow BSR products, used when the compiled ops are missing.
 
-Only stock ops (pad, gather, einsum, unsorted_segment_sum), so it runs
+Only stock ops (pad, gather, batched matmul, unsorted_segment_sum), so it runs
 anywhere TensorFlow runs and TensorFlow differentiates it; the compiled
 kernels are tested against it. The structure and the operands are checked
 with graph assertions that give the C++ kernels' messages, and the padding
@@ -28,8 +28,10 @@ def bsr_matmul_2d(x, matrix):
   values = _without_padding(matrix, row_ids)
   m = tf.shape(x)[0]
   x_blocks = tf.reshape(tf.pad(x, [[0, 0], [0, nbr * bh - k]]), [m, nbr, bh])
-  gathered = tf.gather(x_blocks, row_ids, axis=1)            # [M, nnzb, bh]
-  products = tf.einsum("mpi,pio->pmo", gathered, values)     # [nnzb, M, bw]
+  x_blocks = tf.transpose(x_blocks, [1, 0, 2])               # [nbr, M, bh]
+  gathered = tf.gather(x_blocks, row_ids)                    # [nnzb, M, bh]
+  # A batched matmul, not einsum: einsum gives [1, 0, bw] for M = nnzb = 0.
+  products = tf.matmul(gathered, values)                     # [nnzb, M, bw]
   summed = tf.math.unsorted_segment_sum(products, matrix.col_indices, nbc)
   y = tf.reshape(tf.transpose(summed, [1, 0, 2]), [m, nbc * bw])
   return y[:, :n]
