@@ -22,6 +22,29 @@ def bsr_matmul(x, matrix, name=None):
   graph. Differentiable with respect to `x` and to `matrix.values` (the
   layout is fixed). float16/bfloat16 are computed in float32.
 
+  Contract (the compiled kernels and the pure-TF fallback give the same
+  result, or fail with the same message, eagerly and inside `tf.function`,
+  also when shapes are only known at run time):
+
+  * Structure: `K`, `N`, `bh`, `bw` at most 2^31 - 1 (the block indices
+    are int32); `row_ptr` has `ceil(K / bh) + 1` entries, starts at 0,
+    never decreases and ends at the number of blocks; each `col_indices`
+    entry is in `[0, ceil(N / bw))`, strictly increasing within a block
+    row. Anything else raises `InvalidArgumentError` naming the rule and
+    the values, before anything is read or allocated from them.
+  * Padding: the entries of the edge blocks beyond row `K` or column `N`
+    are ignored. Whatever they hold (NaN and Inf included) never reaches
+    the result or the gradient with respect to `x`; their gradient is zero.
+  * Blocks that are not stored are structural zeros: they contribute
+    nothing, even where `x` holds NaN or Inf. Stored entries follow IEEE
+    arithmetic (a stored 0 times Inf is NaN), as in a dense product.
+  * Empty dimensions: no rows (any leading dimension 0) gives an empty
+    result `[..., N]`; `K = 0` or no stored block gives zeros; `N = 0`
+    gives `[..., 0]`.
+  * `x`'s last dimension must be `K`; when it is unknown while tracing it
+    is checked at run time (`x has 12 columns but the sparse matrix has
+    K = 8`).
+
   Args:
     x: dense tensor `[..., K]` of the matrix's dtype.
     matrix: a `BlockSparseMatrix` of shape `[K, N]`.
@@ -73,6 +96,9 @@ def _bsr_matmul(x, matrix):
 
 
 def _check_operand(dtype, shape, matrix):
+  # The layout's dimensions first, as the kernels order their checks (a
+  # matrix built from checked layout variables skipped `__validate__`).
+  validation.check_dims(matrix.shape, matrix.block_size)
   if dtype != matrix.values.dtype:
     raise validation.invalid(
         f"x has dtype {dtype.name} but the matrix holds {matrix.dtype.name}")

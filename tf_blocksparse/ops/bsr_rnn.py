@@ -23,6 +23,24 @@ Semantics follow `tf_keras.backend.rnn`: a masked step (mask False) keeps
 the states and outputs the previous step's output (zeros with
 `zero_output_for_mask`); `go_backwards` processes the last step first and
 returns the outputs in processing order.
+
+Contract (the fused op and the TF loop give the same result or fail with
+the same message, eagerly and inside `tf.function`, also when shapes are
+only known at run time):
+
+* `x_proj` is `[batch, time, gates * units]`, every initial state
+  `[batch, units]` (no broadcasting of a batch of 1), `mask`
+  `[batch, time]` exactly; `recurrent_bias` has `3 * units` entries, or,
+  when its length is unknown while tracing, may be empty (no bias).
+  Violations raise `InvalidArgumentError` naming the shapes.
+* The recurrent matrix follows `bsr_matmul`'s contract: a malformed
+  layout fails even when no step runs; the padding of its edge blocks is
+  ignored; blocks not stored are zeros.
+* Empty dimensions: `time = 0` gives outputs `[batch, 0, units]` and the
+  initial states; `batch = 0` gives empty outputs and states; `units = 0`
+  gives empty features.
+* NaN/Inf in `x_proj` or the states propagate through the cell math as in
+  the TF loop.
 """
 
 import tensorflow as tf
@@ -292,15 +310,20 @@ def _check_inputs(kind, gates, x_proj, states, recurrent, mask):
 def _runtime_checks(gates, recurrent, x_proj, states, mask, bias=None):
   """The op's shape checks, as graph assertions for the TF loop.
 
-  Only where a dimension is unknown while tracing (the static checks above
-  cover the rest), with the op's messages and in its order: a TF loop would
-  otherwise broadcast a state or mask of batch 1, or accept a longer mask.
-  Returns the control dependencies (none when everything is static).
+  The shapes only where a dimension is unknown while tracing (the static
+  checks above cover the rest), with the op's messages and in its order: a
+  TF loop would otherwise broadcast a state or mask of batch 1, or accept a
+  longer mask. Returns the control dependencies.
   """
+  units, width = recurrent.shape
+  # The loop only multiplies inside its steps: with no step (time or batch
+  # 0) nothing would check the layout, which the op always checks.
+  layout = lambda: validation.structure_assertions(
+      tf.shape(recurrent.values)[0], recurrent.col_indices, recurrent.row_ptr,
+      recurrent.shape, recurrent.block_size)
   tensors = [x_proj, *states] + [t for t in (mask, bias) if t is not None]
   if all(t.shape.is_fully_defined() for t in tensors):
-    return []
-  units, width = recurrent.shape
+    return [layout()]
   xs = tf.shape(x_proj, out_type=tf.int64)
   h0 = tf.shape(states[0], out_type=tf.int64)
   fmt = validation.fmt
@@ -333,12 +356,14 @@ def _runtime_checks(gates, recurrent, x_proj, states, mask, bias=None):
          lambda: tf.strings.join([
              fmt("recurrent_bias must have shape [{}] or be empty, got ",
                  gates * h0[1]), validation.shape_string(bs)])))
-  conditions.append(
-      (tf.equal(h0[1], units),
-       lambda: fmt("the recurrent matrix must be [units, " f"{gates}"
-                   " * units] = [{}, {}], got " f"[{units}, {width}]",
-                   h0[1], gates * h0[1])))
-  return [validation.first_failure(conditions)]
+  with tf.control_dependencies([validation.first_failure(conditions)]):
+    row_ids = layout()
+  with tf.control_dependencies([row_ids]):
+    return [validation.check(
+        tf.equal(h0[1], units),
+        lambda: fmt("the recurrent matrix must be [units, " f"{gates}"
+                    " * units] = [{}, {}], got " f"[{units}, {width}]",
+                    h0[1], gates * h0[1]))]
 
 
 def _fusable(dtype, activations):
