@@ -26,12 +26,14 @@ struct BsrGeometry {
   int64_t nnzb = 0;  // stored blocks
 };
 
-// The largest dense dimension (K, N) and block dimension (bh, bw) accepted.
-// The block indices are int32, so the block grid must fit them; with every
-// dimension below 2^31 all derived sizes (padded shape, block elements,
-// gates * units) fit int64 whatever the input. The Python layer
-// (tf_blocksparse/bsr/validation.py MAX_DIMENSION) checks the same bound.
-constexpr int64_t kMaxDimension = 2147483647;
+// The largest dense dimension (K, N) and block dimension (bh, bw) accepted:
+// 2^30. Then the padded shape (ceil(K / bh) * bh < K + bh) and the block
+// grid fit int32 (the block indices, and the int32 shapes that the pure-TF
+// fallback's graph ops use, which stop at 2^31 - 2), and every derived size
+// (block elements, gates * units) fits int64 whatever the input. The Python
+// layer (tf_blocksparse/bsr/validation.py MAX_DIMENSION) checks the same
+// bound with the same messages.
+constexpr int64_t kMaxDimension = int64_t{1} << 30;
 
 // ceil(a / b) for a >= 0 and b > 0, without the overflow of (a + b - 1) / b.
 inline int64_t CeilDiv(int64_t a, int64_t b) { return a / b + (a % b != 0); }
@@ -65,7 +67,7 @@ inline std::string ValidateBsr(int64_t k, int64_t n, int64_t bh, int64_t bw,
   }
   if (k > kMaxDimension || n > kMaxDimension) {
     return "dense shape must be at most " + std::to_string(kMaxDimension) +
-           " per dimension (int32 block indices), got [" + std::to_string(k) +
+           " per dimension (int32 indices), got [" + std::to_string(k) +
            ", " + std::to_string(n) + "]";
   }
   if (bh > kMaxDimension || bw > kMaxDimension) {

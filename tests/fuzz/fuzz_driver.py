@@ -185,7 +185,7 @@ def main():
   return 1 if result.findings else 0
 
 
-_COLUMNS = ("ok", "rejected", "load_error", "changed") + FINDINGS
+_COLUMNS = ("ok", "rejected", "oom", "load_error", "changed") + FINDINGS
 
 
 if __name__ == "__main__":

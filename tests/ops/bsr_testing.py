@@ -116,6 +116,9 @@ def core_message(error):
       r"assertion failed: \[(.*?)\]", text)
   if found:
     return found.group(1)
+  raised = re.findall(r"InvalidArgumentError: (.*)", text)
+  if raised:  # raised while tracing: the message after the traceback
+    return raised[-1].strip()
   text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
   text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", text, flags=re.S)
   text = re.sub(r"\s*\[\[\{\{node [^\n]*", "", text)

@@ -19,9 +19,9 @@ import numpy as np
 import tensorflow as tf
 
 # The largest dense (K, N) or block (bh, bw) dimension: kMaxDimension in
-# ops/bsr_structure.h. The block indices are int32, so the block grid must
-# fit them.
-MAX_DIMENSION = 2**31 - 1
+# ops/bsr_structure.h. Then the padded shape and the block grid fit int32
+# (the block indices, and TensorFlow's int32 shapes in the graph ops).
+MAX_DIMENSION = 2**30
 
 
 def invalid(message):
@@ -100,7 +100,7 @@ def check_dims(shape, block_size):
     raise invalid(f"dense shape must be non-negative, got [{k}, {n}]")
   if k > MAX_DIMENSION or n > MAX_DIMENSION:
     raise invalid(f"dense shape must be at most {MAX_DIMENSION} per dimension "
-                  f"(int32 block indices), got [{k}, {n}]")
+                  f"(int32 indices), got [{k}, {n}]")
   if bh > MAX_DIMENSION or bw > MAX_DIMENSION:
     raise invalid(f"block shape must be at most {MAX_DIMENSION} per dimension, "
                   f"got ({bh}, {bw})")

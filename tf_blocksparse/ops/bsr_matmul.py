@@ -26,8 +26,8 @@ def bsr_matmul(x, matrix, name=None):
   result, or fail with the same message, eagerly and inside `tf.function`,
   also when shapes are only known at run time):
 
-  * Structure: `K`, `N`, `bh`, `bw` at most 2^31 - 1 (the block indices
-    are int32); `row_ptr` has `ceil(K / bh) + 1` entries, starts at 0,
+  * Structure: `K`, `N`, `bh`, `bw` at most 2^30 (so that the padded
+    shape fits int32 indices); `row_ptr` has `ceil(K / bh) + 1` entries, starts at 0,
     never decreases and ends at the number of blocks; each `col_indices`
     entry is in `[0, ceil(N / bw))`, strictly increasing within a block
     row. Anything else raises `InvalidArgumentError` naming the rule and
@@ -108,6 +108,10 @@ def _check_operand(dtype, shape, matrix):
     raise validation.invalid(f"x must have rank >= 1, got shape {shape}")
   k = matrix.shape[0]
   if shape[-1] is not None and shape[-1] != k:
+    # A broken layout is reported first, as the kernels do (only on this
+    # error path: the static checks cost time on every call).
+    validation.check_static(matrix.values, matrix.col_indices,
+                            matrix.row_ptr, matrix.shape)
     raise validation.invalid(
         f"x has {shape[-1]} columns but the sparse matrix has K = {k}")
 

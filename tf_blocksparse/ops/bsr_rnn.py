@@ -58,7 +58,8 @@ _KERNEL_DTYPES = (tf.float32, tf.float64)
 
 def _hard_sigmoid(x):
   # tf_keras' definition, in the same order of operations.
-  return tf.clip_by_value(x * tf.cast(0.2, x.dtype) + tf.cast(0.5, x.dtype),
+  # (tf.constant: tf.cast(0.2, float64) would round 0.2 to float32 first.)
+  return tf.clip_by_value(x * tf.constant(0.2, x.dtype) + tf.constant(0.5, x.dtype),
                           0.0, 1.0)
 
 
@@ -173,7 +174,7 @@ def gru_sequence(x_proj, h0, recurrent, recurrent_bias=None, mask=None,
       recurrent_bias = tf.convert_to_tensor(recurrent_bias, x_proj.dtype)
       if recurrent_bias.shape.rank != 1 or not recurrent_bias.shape.is_compatible_with(
           [3 * units]):
-        raise validation.invalid(
+        raise _invalid(recurrent,
             f"recurrent_bias must have shape [{3 * units}], got "
             f"{recurrent_bias.shape}")
       if recurrent_bias.shape[0] is None:
@@ -269,21 +270,25 @@ def _check_inputs(kind, gates, x_proj, states, recurrent, mask):
         f"{kind}: ragged inputs are not supported; pad them "
         "(`inputs.to_tensor()`) and pass a mask")
   x_proj = tf.convert_to_tensor(x_proj)
+  # The matrix's dimensions before anything is compared with them, as the
+  # op orders its checks (a matrix built from checked layout variables
+  # skipped `__validate__`).
+  validation.check_dims(recurrent.shape, recurrent.block_size)
   units, width = recurrent.shape
   if width != gates * units:
-    raise validation.invalid(
+    raise _invalid(recurrent,
         f"{kind}: the recurrent matrix must be [units, {gates} * units], got "
         f"[{units}, {width}]")
   if x_proj.dtype != recurrent.dtype:
-    raise validation.invalid(
+    raise _invalid(recurrent,
         f"{kind}: x_proj has dtype {x_proj.dtype.name} but the recurrent "
         f"matrix holds {recurrent.dtype.name}")
   if x_proj.shape.rank != 3:
-    raise validation.invalid(
+    raise _invalid(recurrent,
         f"{kind}: x_proj must have rank 3 [batch, time, {gates * units}], "
         f"got shape {x_proj.shape}")
   if x_proj.shape[2] is not None and x_proj.shape[2] != gates * units:
-    raise validation.invalid(
+    raise _invalid(recurrent,
         f"{kind}: x_proj has {x_proj.shape[2]} features but {gates} gates of "
         f"{units} units need {gates * units}")
   checked = []
@@ -291,7 +296,7 @@ def _check_inputs(kind, gates, x_proj, states, recurrent, mask):
     state = tf.convert_to_tensor(state, x_proj.dtype)
     expected = tf.TensorShape([x_proj.shape[0], units])
     if state.shape.rank != 2 or not state.shape.is_compatible_with(expected):
-      raise validation.invalid(
+      raise _invalid(recurrent,
           f"{kind}: initial state {i} must have shape [batch, units] = "
           f"{expected.as_list()}, got {state.shape}")
     checked.append(state)
@@ -301,10 +306,19 @@ def _check_inputs(kind, gates, x_proj, states, recurrent, mask):
       mask = tf.cast(mask, tf.bool)
     if mask.shape.rank != 2 or not mask.shape.is_compatible_with(
         x_proj.shape[:2]):
-      raise validation.invalid(
+      raise _invalid(recurrent,
           f"{kind}: mask must have shape [batch, time] = "
           f"{x_proj.shape[:2].as_list()}, got {mask.shape}")
   return x_proj, checked, mask
+
+
+def _invalid(recurrent, message):
+  """The error for a static check; a broken layout is reported first, as the
+  op orders its checks (only on this error path: the static checks of the
+  matrix cost time on every call)."""
+  validation.check_static(recurrent.values, recurrent.col_indices,
+                          recurrent.row_ptr, recurrent.shape)
+  return validation.invalid(message)
 
 
 def _runtime_checks(gates, recurrent, x_proj, states, mask, bias=None):

@@ -26,7 +26,8 @@ def bsr_matmul_2d(x, matrix):
             "x has {} columns but the sparse matrix has K = " f"{k}", cols))]):
       x = tf.identity(x)
   values = _without_padding(matrix, row_ids)
-  m = tf.shape(x)[0]
+  # int64 sizes: K or N may be up to 2^31 - 1, the padded ones beyond.
+  m = tf.shape(x, out_type=tf.int64)[0]
   x_blocks = tf.reshape(tf.pad(x, [[0, 0], [0, nbr * bh - k]]), [m, nbr, bh])
   x_blocks = tf.transpose(x_blocks, [1, 0, 2])               # [nbr, M, bh]
   gathered = tf.gather(x_blocks, row_ids)                    # [nnzb, M, bh]
@@ -48,8 +49,10 @@ def _without_padding(matrix, row_ids):
   values = matrix.values
   if k % bh == 0 and n % bw == 0:
     return values
-  rows = row_ids[:, None] * bh + tf.range(bh)[None, :] < k        # [nnzb, bh]
-  cols = (matrix.col_indices[:, None] * bw + tf.range(bw)[None, :]) < n
+  rows = (tf.cast(row_ids, tf.int64)[:, None] * bh
+          + tf.range(bh, dtype=tf.int64)[None, :]) < k              # [nnzb, bh]
+  cols = (tf.cast(matrix.col_indices, tf.int64)[:, None] * bw
+          + tf.range(bw, dtype=tf.int64)[None, :]) < n
   keep = rows[:, :, None] & cols[:, None, :]
   return tf.where(keep, values, tf.zeros([], values.dtype))
 
