@@ -34,7 +34,7 @@ build_one() {  # obj src flags...
   local obj="$1" src="$2"; shift 2
   if [ ! -e "$obj" ] || [ "$src" -nt "$obj" ] || [ -n "$(find ops -name '*.h' -newer "$obj")" ]; then
     echo "compiling $src -> $(basename "$obj")"
-    g++ "$@" "${SAN[@]}" -fPIC -c "$src" -o "$obj"
+    g++ "${SAN[@]}" "$@" -fPIC -c "$src" -o "$obj"
   fi
 }
 

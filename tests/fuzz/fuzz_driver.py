@@ -56,7 +56,7 @@ class Campaign:
 
 # Outcomes that break the contract (crash and hang come from the driver).
 FINDINGS = ("wrong", "silent", "refused", "message", "unexpected", "disagree",
-            "crash", "hang", "load_crash")
+            "crash", "hang", "harness_error")
 
 
 def run_batch(campaign, suite, start, count, timeout, base_dir=None, env=None):
@@ -97,7 +97,10 @@ def run_batch(campaign, suite, start, count, timeout, base_dir=None, env=None):
       text = f.read().strip()
     os.unlink(progress)
     failed = int(text) if text else seed
-    outcome = "hang" if hung else "crash"
+    # A Python exception in the harness exits with 1; a crash is a signal
+    # (SIGSEGV, SIGABRT from a CHECK or a sanitizer report) or another code.
+    outcome = ("hang" if hung else "harness_error"
+               if rc == 1 and "Traceback" in stderr else "crash")
     _save(campaign, suite, failed, outcome, rc, stderr[-4000:])
     seed = failed + 1
 
@@ -127,17 +130,22 @@ def _save(campaign, suite, seed, outcome, rc, stderr):
 
 
 def campaign(cases, mutations, batch=250, first_seed=0, timeout=900,
-             crash_dir=None, log=print):
-  """Runs `cases` op cases (half raw, half public) and `mutations` SavedModel
-  mutations; returns the Campaign."""
+             crash_dir=None, log=print, raw_fraction=0.5, after_batch=None):
+  """Runs `cases` op cases (`raw_fraction` of them on the raw ops, the rest
+  on the public functions, both paths) and `mutations` SavedModel
+  mutations; returns the Campaign. `after_batch(campaign)` runs after each
+  batch (the long run writes its summary there)."""
   crash_dir = crash_dir or os.path.join(_ROOT, "build", "fuzz", "crashes")
   result = Campaign(crash_dir)
   started = time.time()
-  for suite, n in (("raw", cases // 2), ("public", cases - cases // 2)):
+  after_batch = after_batch or (lambda _: None)
+  raw = int(cases * raw_fraction)
+  for suite, n in (("raw", raw), ("public", cases - raw)):
     for start in range(first_seed, first_seed + n, batch):
       run_batch(result, suite, start, min(batch, first_seed + n - start), timeout)
       log(f"[{time.time() - started:7.0f}s] {suite} up to {start + batch}: "
           f"{result.total()} runs, {len(result.findings)} findings")
+      after_batch(result)
   if mutations:
     import fuzz_saved_model  # pylint: disable=import-outside-toplevel
     base = tempfile.mkdtemp(prefix="tfbs_fuzz_sm_")
@@ -151,6 +159,7 @@ def campaign(cases, mutations, batch=250, first_seed=0, timeout=900,
                 min(sm_batch, first_seed + mutations - start), timeout, base_dir=base)
       log(f"[{time.time() - started:7.0f}s] saved_model up to {start + sm_batch}: "
           f"{len(result.findings)} findings")
+      after_batch(result)
   return result
 
 
@@ -162,22 +171,28 @@ def main():
   parser.add_argument("--first-seed", type=int, default=0)
   parser.add_argument("--timeout", type=int, default=900)
   parser.add_argument("--label", default="plain")
+  parser.add_argument("--raw-fraction", type=float, default=0.5)
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
   sys.path[:0] = [_HERE]
   crash_dir = os.path.join(_ROOT, "build", "fuzz", f"crashes-{args.label}")
   started = time.time()
-  result = campaign(args.cases, args.mutations, args.batch, args.first_seed,
-                    args.timeout, crash_dir,
-                    log=lambda s: print(s, file=sys.stderr, flush=True))
-  summary = result.summary()
-  summary.update(label=args.label, seconds=round(time.time() - started),
-                 cases=args.cases, mutations=args.mutations,
-                 first_seed=args.first_seed)
   path = args.json or os.path.join(_ROOT, "build", "fuzz", f"campaign-{args.label}.json")
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(summary, f, indent=1)
+
+  def write(result, finished=False):
+    summary = result.summary()
+    summary.update(label=args.label, seconds=round(time.time() - started),
+                   cases=args.cases, mutations=args.mutations,
+                   first_seed=args.first_seed, finished=finished)
+    with open(path, "w") as f:
+      json.dump(summary, f, indent=1)
+
+  result = campaign(args.cases, args.mutations, args.batch, args.first_seed,
+                    args.timeout, crash_dir,
+                    log=lambda s: print(s, file=sys.stderr, flush=True),
+                    raw_fraction=args.raw_fraction, after_batch=write)
+  write(result, finished=True)
   print(f"{'suite/op/path':44s} " + " ".join(f"{o:>9s}" for o in _COLUMNS))
   for key, counter in sorted(result.counts.items()):
     print(f"{key:44s} " + " ".join(f"{counter.get(o, 0):9d}" for o in _COLUMNS))

@@ -122,16 +122,17 @@ def _index(rng, path):
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   prefix = os.path.join(path, "variables", "variables")
   reader = tf.train.load_checkpoint(prefix)
-  dtypes = reader.get_variable_to_dtype_map()
-  keys = sorted(dtypes)
-  index_keys = [k for k in keys if ("col_indices" in k or "row_ptr" in k)
-                and "VARIABLE_VALUE" in k and "OPTIMIZER" not in k]
+  keys = sorted(reader.get_variable_to_dtype_map())
+  names = _variable_names(reader)
+  index_keys = sorted(k for k, name in names.items()
+                      if "col_indices" in name or "row_ptr" in name)
   if not index_keys:
-    raise RuntimeError(f"no index variables among {keys}")
+    raise RuntimeError(f"no index variables among {sorted(names.values())}")
   key = index_keys[int(rng.integers(len(index_keys)))]
+  name = names[key]
   value = reader.get_tensor(key).copy()
   what = int(rng.integers(5))
-  if "col_indices" in key:
+  if "col_indices" in name:
     if value.size == 0 or what == 4:
       value = np.append(value, [0]).astype(np.int32)  # one more than blocks
     elif what in (0, 1):
@@ -161,7 +162,16 @@ def _index(rng, path):
   tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names,
                     shape_and_slices=[""] * len(names),
                     tensors=[tf.constant(tensors[k]) for k in names])
-  return key
+  return name
+
+
+def _variable_names(reader):
+  """{checkpoint key: variable name} from the checkpoint's object graph."""
+  from tensorflow.core.protobuf import trackable_object_graph_pb2  # pylint: disable=import-outside-toplevel
+  graph = trackable_object_graph_pb2.TrackableObjectGraph()
+  graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+  return {a.checkpoint_key: a.full_name for node in graph.nodes
+          for a in node.attributes if a.name == "VARIABLE_VALUE"}
 
 
 def run_mutation(base, seed):

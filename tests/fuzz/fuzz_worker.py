@@ -4,7 +4,8 @@
 
 Writes the seed of each case to PROGRESS_FILE before running it (so that the
 driver knows which case killed the process), and one JSON line per case and
-path to stdout. SUITE is raw, public or saved_model.
+path to stdout. SUITE is raw, public, saved_model, or selftest (which
+aborts at seed 3, to test the driver).
 """
 
 import json
@@ -29,6 +30,16 @@ def _paths(seed, isas, suite):
 
 def main(argv):
   suite, start, count, progress = argv[1], int(argv[2]), int(argv[3]), argv[4]
+  if suite == "selftest":  # the driver's own test: seed 3 kills the process
+    for seed in range(start, start + count):
+      _mark(progress, seed)
+      if seed == 3:
+        os.abort()
+      print(json.dumps({"seed": seed, "op": "selftest", "path": "none",
+                        "outcome": "ok", "detail": "", "mutation": "none",
+                        "graph": False}), flush=True)
+    print(json.dumps({"done": True}))
+    return 0
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   tf.get_logger().setLevel("ERROR")
   import tf_blocksparse as tfbs  # pylint: disable=import-outside-toplevel

@@ -112,8 +112,9 @@ def core_message(error):
   """The text of an InvalidArgumentError without TensorFlow's wrapping: the
   kernel's message, or the text inside a fallback assertion."""
   text = error.message
-  found = re.search(r"Summarized data: b'(.*?)'", text) or re.search(
-      r"assertion failed: \[(.*?)\]", text)
+  # (greedy to the end of the line: the messages hold brackets themselves)
+  found = re.search(r"Summarized data: b'(.*)'", text) or re.search(
+      r"assertion failed: \[(.*)\]", text)
   if found:
     return found.group(1)
   raised = re.findall(r"InvalidArgumentError: (.*)", text)
