@@ -1,6 +1,7 @@
 """`bsr_matmul(x, matrix)`: dense `x @ W` for a block-sparse `W`."""
 
-import numpy as np
+import math
+
 import tensorflow as tf
 
 from tf_blocksparse.bsr import validation
@@ -135,7 +136,7 @@ def _matmul_nd(x, matrix):
   batch = x.shape[:-1]
   if batch.is_fully_defined() and x.shape[-1] is not None:
     # Static shape: plain reshapes, no shape ops to run per call.
-    rows = int(np.prod(batch.as_list(), dtype=np.int64))
+    rows = math.prod(batch.as_list())
     y2 = _matmul_2d(tf.reshape(x, [rows, k]), matrix)
     return tf.reshape(y2, batch.as_list() + [n])
   if x.shape.rank is None:
