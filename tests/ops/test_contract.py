@@ -306,3 +306,33 @@ def test_sequence_ignores_padding_nan():
   h0 = np.zeros([2, 3], np.float32)
   want, states = numpy_rnn("simple", x, [h0], u, None, None, False, False)
   assert_result_everywhere(lambda: _simple(x, h0, rec), want, states[0])
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "hard_sigmoid", "linear"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "simple"])
+def test_sequence_nan_and_inf_propagate_alike(kind, activation):
+  gates = {"lstm": 4, "gru": 3, "simple": 1}[kind]
+  u, rec = _recurrent(4, gates)
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal([3, 4, 4 * gates]).astype(np.float32)
+  x[0, 1, 0], x[1, 2, 1], x[2, 0, :] = np.nan, np.inf, -np.inf
+  h0 = rng.standard_normal([3, 4]).astype(np.float32)
+  kw = dict(activation=activation, recurrent_activation="hard_sigmoid")
+  if kind == "lstm":
+    run = lambda: tfbs.ops.lstm_sequence(x, h0, h0, rec, **kw)
+    want, states = numpy_rnn("lstm", x, [h0, h0], u, None, None, False, False,
+                             act=_ACTS[activation], rec_act=_ACTS["hard_sigmoid"])
+  elif kind == "gru":
+    run = lambda: tfbs.ops.gru_sequence(x, h0, rec, **kw)
+    want, states = numpy_rnn("gru", x, [h0], u, None, None, False, False,
+                             act=_ACTS[activation], rec_act=_ACTS["hard_sigmoid"])
+  else:
+    run = lambda: _simple(x, h0, rec, activation=activation)
+    want, states = numpy_rnn("simple", x, [h0], u, None, None, False, False,
+                             act=_ACTS[activation])
+  with np.errstate(invalid="ignore"):
+    assert_result_everywhere(run, want, *states)
+
+
+_ACTS = {"tanh": np.tanh, "relu": lambda v: np.maximum(v, 0), "linear": lambda v: v,
+         "hard_sigmoid": lambda v: np.clip(0.2 * v + 0.5, 0, 1)}

@@ -86,6 +86,9 @@ def lstm_sequence(x_proj, h0, c0, recurrent, mask=None, activation="tanh",
                   zero_output_for_mask=False, name=None):
   """Runs an LSTM over a sequence; returns `(outputs, h, c)`.
 
+  Both paths follow the contract of this module's docstring (shapes
+  checked at run time when unknown, padding ignored, empty dimensions).
+
   Args:
     x_proj: `[batch, time, 4 * units]`, `x @ kernel + bias` for every step.
     h0, c0: `[batch, units]` initial states.
@@ -143,6 +146,9 @@ def gru_sequence(x_proj, h0, recurrent, recurrent_bias=None, mask=None,
                  reset_after=True, go_backwards=False,
                  zero_output_for_mask=False, name=None):
   """Runs a GRU (tf_keras semantics) over a sequence; returns `(outputs, h)`.
+
+  Both paths follow the contract of this module's docstring (shapes
+  checked at run time when unknown, padding ignored, empty dimensions).
 
   Args:
     x_proj: `[batch, time, 3 * units]`, `x @ kernel + input_bias`.
@@ -218,6 +224,9 @@ def simple_rnn_sequence(x_proj, h0, recurrent, mask=None, activation="tanh",
                         go_backwards=False, zero_output_for_mask=False,
                         name=None):
   """Runs `h_t = activation(x_proj[:, t] + h_{t-1} @ U)`; returns `(outputs, h)`.
+
+  Both paths follow the contract of this module's docstring (shapes
+  checked at run time when unknown, padding ignored, empty dimensions).
 
   Arguments as in `lstm_sequence`, with `recurrent` `[units, units]`.
 
