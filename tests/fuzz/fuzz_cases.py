@@ -26,6 +26,8 @@ classifies the outcome:
   unexpected  an exception other than InvalidArgumentError
 """
 
+import json
+
 import numpy as np
 import tensorflow as tf
 
@@ -43,9 +45,10 @@ GATES = {"lstm": 4, "gru": 3, "simple": 1}
 FINDINGS = ("wrong", "silent", "refused", "message", "unexpected")
 
 RAW_OPS = ("raw_matmul", "raw_transposed", "raw_values_grad", "raw_lstm",
-           "raw_gru", "raw_simple")
+           "raw_gru", "raw_simple", "raw_kernel_isa")
 PUBLIC_OPS = ("bsr_matmul", "bsr_matmul_grad", "lstm_sequence",
-              "gru_sequence", "simple_rnn_sequence")
+              "gru_sequence", "simple_rnn_sequence", "sequence_grad")
+ISA_NAMES = ("baseline", "avx2", "avx512", "auto")
 
 
 def ceil_div(a, b):
@@ -147,10 +150,15 @@ def make_case(suite, seed):
   rng = np.random.default_rng([7919, seed])
   ops = RAW_OPS if suite == "raw" else PUBLIC_OPS
   op = ops[seed % len(ops)]
-  rnn = op.startswith(("raw_lstm", "raw_gru", "raw_simple")) or op.endswith("_sequence")
+  rnn = (op.startswith(("raw_lstm", "raw_gru", "raw_simple")) or
+         op.endswith("_sequence") or op == "sequence_grad")
+  if op == "raw_kernel_isa":
+    return _isa_case(rng, seed)
   case = {"suite": suite, "seed": seed, "op": op,
           "dtype": "float64" if rng.random() < 0.15 else "float32",
-          "graph": bool(rng.random() < (0.35 if suite == "raw" else 0.2))}
+          # (graph cases trace functions: fewer where tracing costs most)
+          "graph": bool(rng.random() < (0.35 if suite == "raw" else
+                                        0.05 if op == "sequence_grad" else 0.2))}
   dtype = np.dtype(case["dtype"])
   bh, bw = (int(rng.choice([1, 2, 3, 4, 8])) for _ in range(2))
   # Graph cases reuse traced functions: few static configurations.
@@ -159,7 +167,8 @@ def make_case(suite, seed):
     bh, bw = [(4, 4), (3, 2)][int(rng.integers(2))]
   if rnn:
     kind = op.replace("raw_", "").split("_")[0]
-    kind = "simple" if kind == "simple" else kind
+    if op == "sequence_grad":
+      kind = str(rng.choice(["lstm", "gru", "simple"]))
     g = GATES[kind]
     units = int(rng.choice([3, 4] if graph_public else [0, 1, 2, 3, 4, 6, 8]))
     k, n = units, g * units
@@ -218,6 +227,21 @@ def _no_rows(case):
     case["dy"] = case["dy"][:0]
 
 
+def _isa_case(rng, seed):
+  """TfbsSetKernelIsa with a name, garbage, or a non-scalar."""
+  choice = rng.integers(6)
+  if choice < 3:
+    isa = str(rng.choice(ISA_NAMES))
+  elif choice == 3:
+    isa = "".join(chr(int(c)) for c in rng.integers(1, 0x2FF, size=int(rng.integers(0, 40))))
+  elif choice == 4:
+    isa = str(rng.choice(["", "AVX2", "avx512 ", "avx1024", "x" * 5000, "auto\0"]))
+  else:
+    isa = [str(rng.choice(ISA_NAMES))] * int(rng.integers(0, 3))  # not a scalar
+  return {"suite": "raw", "seed": seed, "op": "raw_kernel_isa", "isa": isa,
+          "graph": bool(rng.random() < 0.3), "mutation": "isa", "dtype": "float32"}
+
+
 def _mutate_operand(rng, case):
   dtype = np.dtype(case["dtype"])
   if "states" in case:
@@ -246,6 +270,8 @@ def _mutate_operand(rng, case):
       case["dy"] = _operand(rng, m + 1, case["dy"].shape[1], dtype)
     else:
       case["x"] = np.zeros([2**16, 0], dtype)  # many rows of nothing
+      if case["op"] == "bsr_matmul_grad":  # (dy only weighs our loss)
+        case["dy"] = _operand(rng, 2**16, case["dy"].shape[1], dtype)
 
 
 # --- oracle -----------------------------------------------------------------------
@@ -378,6 +404,10 @@ _ACTS = {"tanh": np.tanh, "sigmoid": sigmoid, "relu": lambda v: np.maximum(v, 0)
 def reference(case):
   """The expected result of a valid case (a list of float64 arrays)."""
   op = case["op"]
+  if op == "raw_kernel_isa":
+    return [np.array(1.0)]
+  if op == "sequence_grad":
+    return dense_sequence_grads(case)
   if op in ("raw_matmul", "bsr_matmul"):
     return [sparse_product(case["x"], case)]
   if op == "raw_transposed":
@@ -400,12 +430,90 @@ def reference(case):
   return [out, *states]
 
 
+_TF_ACTS = {"tanh": tf.tanh, "sigmoid": tf.sigmoid, "relu": tf.nn.relu,
+            "linear": lambda v: v,
+            "hard_sigmoid": lambda v: tf.clip_by_value(
+                v * tf.constant(0.2, v.dtype) + tf.constant(0.5, v.dtype), 0.0, 1.0)}
+
+
+def loss_weights(t):
+  """Fixed weights of the gradient cases' loss, from the shape alone."""
+  size = tf.size(t)
+  return tf.reshape(tf.sin(tf.cast(tf.range(size), t.dtype)), tf.shape(t))
+
+
+def _dense_loop(case, x, states, u, bias):
+  """The recurrence in plain TF ops on a dense U (the gradient reference)."""
+  kind, act = case["kind"], _TF_ACTS[case["activation"]]
+  rec = _TF_ACTS["sigmoid"]
+  b, t = case["x"].shape[:2]
+  units = case["shape"][0]
+  steps = range(t - 1, -1, -1) if case["go_backwards"] else range(t)
+  prev = tf.zeros([b, units], x.dtype)
+  outs = []
+  for step in steps:
+    xt, h = x[:, step], states[0]
+    if kind == "simple":
+      new = [act(xt + h @ u)]
+    elif kind == "lstm":
+      i, f, g, o = tf.split(xt + h @ u, 4, axis=1)
+      c = rec(f) * states[1] + rec(i) * act(g)
+      new = [rec(o) * act(c), c]
+    else:
+      xz, xr, xh = tf.split(xt, 3, axis=1)
+      inner = h @ u + (0 if bias is None else bias)
+      rz, rr, rh = tf.split(inner, 3, axis=1)
+      z, r = rec(xz + rz), rec(xr + rr)
+      hh = (act(xh + r * rh) if case["reset_after"]
+            else act(xh + (r * h) @ u[:, 2 * units:]))
+      new = [z * h + (1 - z) * hh]
+    out = new[0]
+    if case["mask"] is not None:
+      keep = tf.constant(case["mask"][:, step])[:, None]
+      new = [tf.where(keep, n, s_) for n, s_ in zip(new, states)]
+      out = tf.where(keep, out, tf.zeros_like(out) if case["zero_out"] else prev)
+    states, prev = new, out
+    outs.append(out)
+  outputs = tf.stack(outs, 1) if outs else tf.zeros([b, 0, units], x.dtype)
+  return outputs, states
+
+
+def dense_sequence_grads(case):
+  """d loss / d (x_proj, states..., values) of a sequence case, by TF
+  autodiff of `_dense_loop` in float64; the values' gradient is the dense
+  one at the stored blocks, zero in their padding."""
+  x = tf.constant(case["x"], tf.float64)
+  states = [tf.constant(s_, tf.float64) for s_ in case["states"]]
+  u = tf.constant(dense_matrix(case), tf.float64)
+  bias = case["bias"]
+  bias = None if bias is None or bias.size == 0 else tf.constant(bias, tf.float64)
+  with tf.GradientTape() as tape:
+    tape.watch([x, *states, u])
+    out, final = _dense_loop(case, x, states, u, bias)
+    loss = tf.reduce_sum(out * loss_weights(out)) + tf.add_n(
+        [tf.reduce_sum(s_ * loss_weights(s_)) for s_ in final])
+  grads = tape.gradient(loss, [x, *states, u],
+                        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+  du = grads[-1].numpy()
+  bh, bw = case["values"].shape[1:]
+  dv = np.zeros(case["values"].shape)
+  for p, i, c, blk in blocks_of(case):
+    r, q = blk.shape
+    dv[p, :r, :q] = du[i * bh:i * bh + r, c * bw:c * bw + q]
+  return [g.numpy() for g in grads[:-1]] + [dv]
+
+
 def expected(case):
   """(valid, structure message or None) for a case."""
+  if case["op"] == "raw_kernel_isa":
+    isa = case["isa"]
+    # ("" is "auto" to the dispatcher, as an empty TF_BLOCKSPARSE_ISA is.)
+    return isinstance(isa, str) and isa in ISA_NAMES + ("",) and (
+        isa in ("auto", "") or isa in _supported_isas()), None
   message = bsr_error(case["values"].shape, case["cols"], case["ptr"], case["shape"])
   if message is not None:
     k, n = case["shape"]
-    if (case["op"].endswith("_sequence") and n != GATES[case["kind"]] * k
+    if ("kind" in case and case["suite"] == "public" and n != GATES[case["kind"]] * k
         and not message.startswith(("block shape", "dense shape"))):
       # The public functions compare the matrix's static shape with the
       # gates while tracing, before the run-time checks of its indices.
@@ -415,6 +523,11 @@ def expected(case):
 
 
 # --- running ----------------------------------------------------------------------
+
+
+def _supported_isas():
+  info = tfbs.ops.kernel_info()
+  return info.get("supported", []) if info.get("custom_ops") else []
 
 
 def _lib():
@@ -446,6 +559,21 @@ def _dynamic(key, fn, n):
 
 def _call_raw(case):
   lib, op = _lib(), case["op"]
+  if op == "raw_kernel_isa":
+    try:
+      if case["graph"]:
+        f = _FUNCTIONS.setdefault("isa", tf.function(
+            lib.tfbs_set_kernel_isa, input_signature=[tf.TensorSpec(None, tf.string)]))
+        info = f(tf.constant(case["isa"], tf.string))
+      else:
+        info = lib.tfbs_set_kernel_isa(tf.constant(case["isa"], tf.string))
+      info = json.loads(info.numpy().decode())
+    finally:
+      lib.tfbs_set_kernel_isa(tf.constant("auto"))
+    # The answer is the ISA asked for (auto: one the CPU supports).
+    isa = case["isa"]
+    return [np.array(float(info["isa"] == isa or (isa in ("auto", "") and
+                                                  info["isa"] in info["supported"])))]
   bsr = _raw_args(case)
   if op == "raw_matmul":
     fn, args = lib.tfbs_bsr_matmul, [_cast(case, case["x"]), *bsr]
@@ -516,6 +644,18 @@ def _call_public(case):
         y = tfbs.ops.bsr_matmul(x, matrix)
         loss = tf.reduce_sum(y * dy)
       return tape.gradient(loss, [x, matrix.values])
+    if op == "sequence_grad":
+      with tf.GradientTape() as tape:
+        tape.watch([*operands, matrix.values])
+        out, *final = sequence(matrix, operands)
+        loss = tf.reduce_sum(out * loss_weights(out)) + tf.add_n(
+            [tf.reduce_sum(s_ * loss_weights(s_)) for s_ in final])
+      nstates = 2 if case["kind"] == "lstm" else 1
+      return tape.gradient(loss, [*operands[:1 + nstates], matrix.values],
+                           unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return sequence(matrix, operands)
+
+  def sequence(matrix, operands):
     kind = case["kind"]
     x, *rest = operands
     nstates = 2 if kind == "lstm" else 1

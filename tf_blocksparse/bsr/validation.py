@@ -138,6 +138,16 @@ def check_static(values, col_indices, row_ptr, shape):
                   f"got {row_ptr.shape[0]}")
 
 
+def check_matrix(matrix):
+  """Every check of a matrix that can run now: the static ones, and the
+  index values too when eager. For error paths that must report a broken
+  layout before their own problem, as the kernels order their checks."""
+  check_static(matrix.values, matrix.col_indices, matrix.row_ptr, matrix.shape)
+  if tf.executing_eagerly():
+    check_numpy(int(matrix.values.shape[0]), matrix.col_indices.numpy(),
+                matrix.row_ptr.numpy(), matrix.shape, matrix.block_size)
+
+
 def check_numpy(nnzb, col_indices, row_ptr, shape, block_size):
   """Checks the index values of an eager matrix (numpy arrays)."""
   k, n = shape

@@ -111,8 +111,7 @@ def _check_operand(dtype, shape, matrix):
   if shape[-1] is not None and shape[-1] != k:
     # A broken layout is reported first, as the kernels do (only on this
     # error path: the static checks cost time on every call).
-    validation.check_static(matrix.values, matrix.col_indices,
-                            matrix.row_ptr, matrix.shape)
+    validation.check_matrix(matrix)
     raise validation.invalid(
         f"x has {shape[-1]} columns but the sparse matrix has K = {k}")
 

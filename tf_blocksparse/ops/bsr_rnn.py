@@ -325,8 +325,7 @@ def _invalid(recurrent, message):
   """The error for a static check; a broken layout is reported first, as the
   op orders its checks (only on this error path: the static checks of the
   matrix cost time on every call)."""
-  validation.check_static(recurrent.values, recurrent.col_indices,
-                          recurrent.row_ptr, recurrent.shape)
+  validation.check_matrix(recurrent)
   return validation.invalid(message)
 
 
@@ -487,10 +486,15 @@ def _sequence_grads(loop, matrix, inputs, upstream, products):
   grads = tape.gradient(_flat((outputs, states)), [*inputs, *probes],
                         output_gradients=upstream,
                         unconnected_gradients=tf.UnconnectedGradients.ZERO)
-  d_products = tf.concat(
-      [tf.reshape(g, [-1, width]) for g in grads[len(inputs):]], axis=0)
-  lhs = tf.concat([tf.reshape(t, [-1, units]) for t in taps], axis=0)
+  d_products = tf.concat([_rows(g, width) for g in grads[len(inputs):]], axis=0)
+  lhs = tf.concat([_rows(t, units) for t in taps], axis=0)
   return [_values_grad(lhs, d_products, matrix), *grads[:len(inputs)]]
+
+
+def _rows(t, cols):
+  """`t [..., cols]` as `[rows, cols]`, counting the rows (`[-1, 0]` would
+  make one row out of none)."""
+  return tf.reshape(t, tf.stack([tf.reduce_prod(tf.shape(t)[:-1]), cols]))
 
 
 def _values_grad(x, dy, matrix):
