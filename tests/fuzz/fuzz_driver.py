@@ -1,7 +1,7 @@
 """Fuzz campaigns: batches of cases, each batch in a subprocess.
 
-A worker that dies (a signal, an abort, a sanitizer report) or runs past the
-batch timeout is a crash or a hang: the case it was running is saved (its
+A worker that dies (a signal, an abort, a sanitizer report), or whose case
+runs past the per-case timeout, is a crash or a hang: the case it was running is saved (its
 seed, and its inputs as .npz) under the crash directory, and the campaign
 goes on from the next seed. Every other outcome is counted per op and path
 (see fuzz_cases). The long campaign:
@@ -60,24 +60,35 @@ FINDINGS = ("wrong", "silent", "refused", "message", "unexpected", "disagree",
 
 
 def run_batch(campaign, suite, start, count, timeout, base_dir=None, env=None):
-  """Runs seeds [start, start + count) in workers until all are done."""
+  """Runs seeds [start, start + count) in workers until all are done.
+
+  `timeout` is per case: a worker whose current case (its progress file)
+  has not changed for that long is killed and the case counted as a hang.
+  """
   seed = start
   end = start + count
   while seed < end:
     with tempfile.NamedTemporaryFile("w", suffix=".seed", delete=False) as f:
       progress = f.name
+    out = tempfile.TemporaryFile("w+")
+    err = tempfile.TemporaryFile("w+")
     cmd = [sys.executable, WORKER, suite, str(seed), str(end - seed), progress]
     if base_dir:
       cmd.append(base_dir)
-    try:
-      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                            env=env, cwd=_ROOT)
-      stdout, rc, hung = proc.stdout, proc.returncode, False
-      stderr = proc.stderr
-    except subprocess.TimeoutExpired as e:
-      stdout = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-      stderr = (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
-      rc, hung = None, True
+    proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=_ROOT)
+    hung = False
+    while proc.poll() is None:
+      time.sleep(0.5)
+      if time.time() - os.path.getmtime(progress) > timeout:
+        proc.kill()
+        proc.wait()
+        hung = True
+    rc = proc.returncode
+    out.seek(0)
+    err.seek(0)
+    stdout, stderr = out.read(), err.read()
+    out.close()
+    err.close()
     done = False
     for line in stdout.splitlines():
       try:
@@ -111,7 +122,7 @@ def _save(campaign, suite, seed, outcome, rc, stderr):
   with open(stem + ".txt", "w") as f:
     f.write(f"suite {suite} seed {seed} outcome {outcome} rc {rc}\n\n{stderr}")
   if suite != "saved_model":
-    sys.path[:0] = [os.path.join(_ROOT, "tests", "ops"), _HERE]
+    sys.path[:0] = [_ROOT, os.path.join(_ROOT, "tests", "ops"), _HERE]
     try:  # the case's inputs (numpy only: safe to rebuild here)
       import numpy as np  # pylint: disable=import-outside-toplevel
       import fuzz_cases  # pylint: disable=import-outside-toplevel
@@ -129,7 +140,7 @@ def _save(campaign, suite, seed, outcome, rc, stderr):
                             "detail": stderr[-500:]})
 
 
-def campaign(cases, mutations, batch=250, first_seed=0, timeout=900,
+def campaign(cases, mutations, batch=250, first_seed=0, timeout=300,
              crash_dir=None, log=print, raw_fraction=0.5, after_batch=None):
   """Runs `cases` op cases (`raw_fraction` of them on the raw ops, the rest
   on the public functions, both paths) and `mutations` SavedModel
@@ -169,7 +180,8 @@ def main():
   parser.add_argument("--mutations", type=int, default=100)
   parser.add_argument("--batch", type=int, default=250)
   parser.add_argument("--first-seed", type=int, default=0)
-  parser.add_argument("--timeout", type=int, default=900)
+  parser.add_argument("--timeout", type=int, default=300,
+                      help="seconds one case may take before it counts as a hang")
   parser.add_argument("--label", default="plain")
   parser.add_argument("--raw-fraction", type=float, default=0.5)
   parser.add_argument("--json", default=None)
