@@ -20,7 +20,7 @@ import fuzz_driver  # pylint: disable=wrong-import-position
 @pytest.fixture(scope="module")
 def campaign(tmp_path_factory):
   crash_dir = str(tmp_path_factory.mktemp("crashes"))
-  return fuzz_driver.campaign(cases=600, mutations=20, batch=400,
+  return fuzz_driver.campaign(cases=400, mutations=20, batch=400,
                               first_seed=0, timeout=300, crash_dir=crash_dir,
                               log=lambda s: None)
 
