@@ -463,11 +463,16 @@ def _with_sequence_gradient(forward, loop, recurrent, values, inputs,
     def grad(*upstream):
       upstream = [tf.zeros_like(r) if u is None else u
                   for u, r in zip(upstream, results)]
+      # After the forward pass (and so after its checks): a malformed input
+      # then fails with the forward's message, not inside the recomputed
+      # loop running alongside it.
+      with tf.control_dependencies(upstream):
+        inputs_after = [tf.identity(t) for t in inputs]
       # The path the forward pass took, even if the gradient is taken
       # outside its `use_custom_ops` block.
       with _loader.use_custom_ops(custom):
-        return _sequence_grads(loop, recurrent.with_values(values), inputs,
-                               upstream, products)
+        return _sequence_grads(loop, recurrent.with_values(values),
+                               inputs_after, upstream, products)
 
     return tuple(results), grad
 
