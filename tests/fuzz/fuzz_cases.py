@@ -24,6 +24,7 @@ classifies the outcome:
   refused   valid, but an error was raised
   message   invalid and rejected, but with a different message
   unexpected  an exception other than InvalidArgumentError
+  oom       ResourceExhausted or MemoryError (the cases are small)
 """
 
 import json
@@ -42,7 +43,7 @@ MAX_DIM = 2**30
 HUGE = [2**30, 2**30 + 1, 2**31 - 1, 2**31, 2**32 + 1, 2**40, 2**62, 2**63 - 1]
 INT32_EDGES = [-2**31, -2**31 + 1, -1, 2**31 - 1, 2**31 - 2]
 GATES = {"lstm": 4, "gru": 3, "simple": 1}
-FINDINGS = ("wrong", "silent", "refused", "message", "unexpected")
+FINDINGS = ("wrong", "silent", "refused", "message", "unexpected", "oom")
 
 RAW_OPS = ("raw_matmul", "raw_transposed", "raw_values_grad", "raw_lstm",
            "raw_gru", "raw_simple", "raw_kernel_isa")
@@ -737,8 +738,9 @@ def run_case(case, path):
     if message is not None and message not in e.message:
       return "message", f"want {message!r}, got {text[:300]!r}", text
     return "rejected", "", text
-  except tf.errors.ResourceExhaustedError as e:
-    # A valid request for more memory than there is: a clean error.
+  except (tf.errors.ResourceExhaustedError, MemoryError) as e:
+    # The cases are small: asking for gigabytes means a size was accepted
+    # somewhere that should not have been (a finding).
     return "oom", str(e)[:200], None
   except (tf.errors.OpError, ValueError, TypeError, IndexError) as e:
     return "unexpected", f"{type(e).__name__}: {str(e)[:300]}", None

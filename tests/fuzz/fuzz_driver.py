@@ -55,8 +55,8 @@ class Campaign:
 
 
 # Outcomes that break the contract (crash and hang come from the driver).
-FINDINGS = ("wrong", "silent", "refused", "message", "unexpected", "disagree",
-            "crash", "hang", "harness_error")
+FINDINGS = ("wrong", "silent", "refused", "message", "unexpected", "oom",
+            "disagree", "crash", "hang", "harness_error")
 
 
 def run_batch(campaign, suite, start, count, timeout, base_dir=None, env=None):
@@ -212,7 +212,7 @@ def main():
   return 1 if result.findings else 0
 
 
-_COLUMNS = ("ok", "rejected", "oom", "load_error", "changed") + FINDINGS
+_COLUMNS = ("ok", "rejected", "load_error", "changed") + FINDINGS
 
 
 if __name__ == "__main__":
