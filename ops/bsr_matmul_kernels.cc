@@ -3,6 +3,7 @@
 // TensorFlow's intra-op thread pool. The arithmetic is in
 // bsr_matmul_cpu_kernels.cc, one copy per ISA.
 #include <algorithm>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -225,8 +226,10 @@ class BsrMatmulOp : public OpKernel {
     geo.m = x.dim_size(0);
     const CpuKernels<T>* k = nullptr;
     OP_REQUIRES_OK(ctx, ActiveKernels<T>(&k));
+    TensorShape y_shape;
+    OP_REQUIRES_OK(ctx, MakeOutputShape({geo.m, geo.n}, "y", &y_shape));
     Tensor* y = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({geo.m, geo.n}), &y));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, y_shape, &y));
     if (y->NumElements() == 0) return;
     if (geo.nnzb == 0 || geo.k == 0) {
       std::fill_n(y->flat<T>().data(), y->NumElements(), T(0));
@@ -239,7 +242,7 @@ class BsrMatmulOp : public OpKernel {
                                             y->flat<T>().data()));
       return;
     }
-    const BsrColumnIndex& index = layout->column_index;
+    const BsrColumnIndex& index = layout->ColumnIndex();
     GroupedProductArgs<T> args;
     args.in = x.flat<T>().data();
     args.m = geo.m;
@@ -277,8 +280,10 @@ class BsrMatmulTransposedOp : public OpKernel {
     geo.m = dy.dim_size(0);
     const CpuKernels<T>* k = nullptr;
     OP_REQUIRES_OK(ctx, ActiveKernels<T>(&k));
+    TensorShape dx_shape;
+    OP_REQUIRES_OK(ctx, MakeOutputShape({geo.m, geo.k}, "dx", &dx_shape));
     Tensor* dx = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({geo.m, geo.k}), &dx));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, dx_shape, &dx));
     if (dx->NumElements() == 0) return;
     if (geo.nnzb == 0 || geo.n == 0) {
       std::fill_n(dx->flat<T>().data(), dx->NumElements(), T(0));
@@ -344,7 +349,13 @@ class BsrMatmulValuesGradOp : public OpKernel {
     args.col_indices = layout->col_indices.data();
     args.dvalues = dvalues->flat<T>().data();
     auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-    pool->ParallelFor(geo.nnzb, std::max<int64_t>(1, geo.m * geo.bh * geo.bw * 2),
+    // A cost estimate only: saturate rather than overflow.
+    int64_t cost = 2;
+    if (!CheckedMul(cost, geo.m, &cost) || !CheckedMul(cost, geo.bh, &cost) ||
+        !CheckedMul(cost, geo.bw, &cost)) {
+      cost = std::numeric_limits<int64_t>::max();
+    }
+    pool->ParallelFor(geo.nnzb, std::max<int64_t>(1, cost),
                       [&](int64_t begin, int64_t end) {
                         k->values_grad(args, begin, end);
                       });

@@ -3,8 +3,10 @@
 #define TF_BLOCKSPARSE_OPS_BSR_MATMUL_KERNELS_H_
 
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "bsr_structure.h"
@@ -58,6 +60,26 @@ inline ::tensorflow::Status ValidateBsrInputs(
       row_ptr.NumElements(), geo);
   if (!error.empty()) return InvalidArgument(error);
   return ::tensorflow::Status();
+}
+
+// Builds the shape of an output from validated dimensions, failing (instead
+// of TensorShape's CHECK, which aborts the process) when the number of
+// elements would overflow int64. `what` names the output in the message.
+inline ::tensorflow::Status MakeOutputShape(std::initializer_list<int64_t> dims,
+                                            const char* what,
+                                            ::tensorflow::TensorShape* out) {
+  int64_t elements = 1;
+  std::string listed;
+  bool overflow = false;
+  for (const int64_t d : dims) {
+    listed += (listed.empty() ? "" : ", ") + std::to_string(d);
+    if (!overflow && !CheckedMul(elements, d, &elements)) overflow = true;
+  }
+  if (overflow) {
+    return ::tensorflow::errors::InvalidArgument(
+        what, " [", listed, "] would have more than 2^63 - 1 elements");
+  }
+  return ::tensorflow::TensorShape::BuildTensorShape(dims, out);
 }
 
 // Checks a dense operand: rank 2 with `cols` columns and the values' dtype.
@@ -124,8 +146,23 @@ struct BsrLayout {
   BsrGeometry geo;  // geo.m is not part of the layout
   std::vector<int32_t> col_indices;  // copies, to recognise the layout
   std::vector<int32_t> row_ptr;
-  BsrColumnIndex column_index;       // for x @ W and the recurrences
   std::vector<int32_t> block_rows;   // block row of every stored block
+
+  // For x @ W and the recurrences. Built on first use, not with the
+  // layout: its size is O(nbc), bounded only by the dense shape, so a
+  // kernel asks for it once it holds a non-empty output at least that wide
+  // (a huge dense shape then fails on the output, never here).
+  const BsrColumnIndex& ColumnIndex() const {
+    std::call_once(column_index_once_, [this] {
+      BuildColumnIndex(geo, col_indices.data(), row_ptr.data(),
+                       &column_index_);
+    });
+    return column_index_;
+  }
+
+ private:
+  mutable std::once_flag column_index_once_;
+  mutable BsrColumnIndex column_index_;
 };
 
 // The last layout an OpKernel saw. Validation and the column index are
@@ -164,7 +201,6 @@ class LayoutCache {
     if (!error.empty()) return ::tensorflow::errors::InvalidArgument(error);
     layout->col_indices.assign(cols, cols + num_cols);
     layout->row_ptr.assign(ptr, ptr + num_ptr);
-    BuildColumnIndex(layout->geo, cols, ptr, &layout->column_index);
     layout->block_rows.resize(layout->geo.nnzb);
     for (int64_t i = 0; i < layout->geo.nbr; ++i)
       for (int32_t p = ptr[i]; p < ptr[i + 1]; ++p)
@@ -184,7 +220,9 @@ class LayoutCache {
            g.nnzb == nnzb &&
            static_cast<int64_t>(l.col_indices.size()) == num_cols &&
            static_cast<int64_t>(l.row_ptr.size()) == num_ptr &&
-           std::memcmp(l.col_indices.data(), cols, 4 * num_cols) == 0 &&
+           // (memcmp must not see the null data() of an empty vector)
+           (num_cols == 0 ||
+            std::memcmp(l.col_indices.data(), cols, 4 * num_cols) == 0) &&
            std::memcmp(l.row_ptr.data(), ptr, 4 * num_ptr) == 0;
   }
 

@@ -78,8 +78,10 @@ class BsrMatmulGpuOp : public OpKernel {
     BsrGeometry geo;
     OP_REQUIRES_OK(ctx, ValidateProductInputs(ctx, /*transposed=*/false, &geo));
     const Tensor& x = ctx->input(0);
+    TensorShape y_shape;
+    OP_REQUIRES_OK(ctx, MakeOutputShape({geo.m, geo.n}, "y", &y_shape));
     Tensor* y = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({geo.m, geo.n}), &y));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, y_shape, &y));
     if (y->NumElements() == 0) return;
     BsrColumnIndex index;
     BuildColumnIndex(geo, ctx->input(2).flat<int32_t>().data(),
@@ -114,8 +116,10 @@ class BsrMatmulTransposedGpuOp : public OpKernel {
     BsrGeometry geo;
     OP_REQUIRES_OK(ctx, ValidateProductInputs(ctx, /*transposed=*/true, &geo));
     const Tensor& dy = ctx->input(0);
+    TensorShape dx_shape;
+    OP_REQUIRES_OK(ctx, MakeOutputShape({geo.m, geo.k}, "dx", &dx_shape));
     Tensor* dx = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({geo.m, geo.k}), &dx));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, dx_shape, &dx));
     if (dx->NumElements() == 0) return;
     const std::vector<int32_t> row_ptr = HostVector(ctx->input(3));
     const std::vector<int32_t> cols = HostVector(ctx->input(2));

@@ -90,6 +90,12 @@ class BsrRnnSequenceOp : public OpKernel {
     OP_REQUIRES(ctx, h0.dim_size(0) == batch,
                 InvalidArgument("initial state h0 has batch size ",
                                 h0.dim_size(0), " but x_proj has ", batch));
+    // Bounds units (the recurrent matrix has the same bound) before
+    // gates * units is computed.
+    OP_REQUIRES(ctx, units <= kMaxDimension,
+                InvalidArgument("initial state h0 has ", units,
+                                " units, more than the ", kMaxDimension,
+                                " supported"));
     OP_REQUIRES(ctx, x.dim_size(2) == gates * units,
                 InvalidArgument("x_proj has ", x.dim_size(2), " columns but ",
                                 gates, " gates of ", units, " units need ",
@@ -134,10 +140,12 @@ class BsrRnnSequenceOp : public OpKernel {
                                 " * units] = [", units, ", ", gates * units,
                                 "], got [", geo.k, ", ", geo.n, "]"));
 
+    TensorShape outputs_shape;
+    OP_REQUIRES_OK(ctx, MakeOutputShape({batch, time, units}, "outputs",
+                                        &outputs_shape));
     Tensor* outputs = nullptr;
     Tensor* h = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(
-                            0, TensorShape({batch, time, units}), &outputs));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, outputs_shape, &outputs));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, h0.shape(), &h));
     Tensor* c = nullptr;
     if (in.c0 >= 0) {
@@ -145,7 +153,7 @@ class BsrRnnSequenceOp : public OpKernel {
     }
     if (batch == 0 || units == 0) return;
 
-    const BsrColumnIndex& index = layout->column_index;
+    const BsrColumnIndex& index = layout->ColumnIndex();
 
     RnnSequenceArgs<T> args;
     args.cell = kCell;

@@ -8,53 +8,10 @@ import tf_blocksparse as tfbs
 from tf_blocksparse.ops import _loader
 from tf_blocksparse.ops import bsr_rnn
 
-from bsr_testing import PATHS, path_scope, random_block_sparse
+from bsr_testing import PATHS, numpy_rnn, path_scope, random_block_sparse
+from bsr_testing import sigmoid as _sig
 
 GATES = {"lstm": 4, "gru": 3, "gru_before": 3, "simple": 1}
-
-
-def _sig(x):
-  return 1.0 / (1.0 + np.exp(-x))
-
-
-def numpy_rnn(kind, x_proj, states, u, rbias, mask, go_backwards, zero_out,
-              act=np.tanh, rec_act=_sig):
-  """Keras semantics, written out in float64 numpy."""
-  x_proj = x_proj.astype(np.float64)
-  states = [s.astype(np.float64) for s in states]
-  b, t, _ = x_proj.shape
-  h_units = u.shape[0]
-  order = range(t - 1, -1, -1) if go_backwards else range(t)
-  prev = np.zeros([b, h_units])
-  outs = []
-  for step in order:
-    x = x_proj[:, step]
-    h = states[0]
-    if kind == "simple":
-      new = [act(x + h @ u)]
-    elif kind == "lstm":
-      z = x + h @ u
-      i, f, g, o = np.split(z, 4, axis=1)
-      c = rec_act(f) * states[1] + rec_act(i) * act(g)
-      new = [rec_act(o) * act(c), c]
-    else:
-      xz, xr, xh = np.split(x, 3, axis=1)
-      inner = h @ u + (0 if rbias is None else rbias)
-      rz, rr, rh = np.split(inner, 3, axis=1)
-      z, r = rec_act(xz + rz), rec_act(xr + rr)
-      if kind == "gru":
-        hh = act(xh + r * rh)
-      else:
-        hh = act(xh + (r * h) @ u[:, 2 * h_units:])
-      new = [z * h + (1 - z) * hh]
-    out = new[0]
-    if mask is not None:
-      keep = mask[:, step][:, None]
-      new = [np.where(keep, n, s) for n, s in zip(new, states)]
-      out = np.where(keep, out, 0 if zero_out else prev)
-    states, prev = new, out
-    outs.append(out)
-  return np.stack(outs, axis=1), states
 
 
 def _run(kind, x, states, rec, rbias=None, **kw):

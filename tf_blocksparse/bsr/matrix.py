@@ -157,9 +157,15 @@ class BlockSparseMatrix(tf.experimental.ExtensionType):
     """The dense `[K, N]` matrix (padding dropped)."""
     (k, n), (bh, bw) = self.shape, self.block_size
     nbr, nbc = self.block_grid
+    # A block taller than K or wider than N is cut to it first (the rest is
+    # padding), so the scattered grid stays below twice the dense size.
+    ebh, ebw = min(bh, k), min(bw, n)
+    values = self.values
+    if (ebh, ebw) != (bh, bw):
+      values = values[:, :ebh, :ebw]
     where = tf.stack([self.row_ids(), self.col_indices], axis=1)
-    blocks = tf.scatter_nd(where, self.values, [nbr, nbc, bh, bw])
-    dense = tf.reshape(tf.transpose(blocks, [0, 2, 1, 3]), [nbr * bh, nbc * bw])
+    blocks = tf.scatter_nd(where, values, [nbr, nbc, ebh, ebw])
+    dense = tf.reshape(tf.transpose(blocks, [0, 2, 1, 3]), [nbr * ebh, nbc * ebw])
     return dense[:k, :n]
 
   def with_values(self, values):

@@ -1,5 +1,7 @@
 """`bsr_matmul(x, matrix)`: dense `x @ W` for a block-sparse `W`."""
 
+import math
+
 import tensorflow as tf
 
 from tf_blocksparse.bsr import validation
@@ -20,6 +22,29 @@ def bsr_matmul(x, matrix, name=None):
   compiled kernel when `custom_ops_available()`, else an equivalent pure-TF
   graph. Differentiable with respect to `x` and to `matrix.values` (the
   layout is fixed). float16/bfloat16 are computed in float32.
+
+  Contract (the compiled kernels and the pure-TF fallback give the same
+  result, or fail with the same message, eagerly and inside `tf.function`,
+  also when shapes are only known at run time):
+
+  * Structure: `K`, `N`, `bh`, `bw` at most 2^30 (so that the padded
+    shape fits int32 indices); `row_ptr` has `ceil(K / bh) + 1` entries, starts at 0,
+    never decreases and ends at the number of blocks; each `col_indices`
+    entry is in `[0, ceil(N / bw))`, strictly increasing within a block
+    row. Anything else raises `InvalidArgumentError` naming the rule and
+    the values, before anything is read or allocated from them.
+  * Padding: the entries of the edge blocks beyond row `K` or column `N`
+    are ignored. Whatever they hold (NaN and Inf included) never reaches
+    the result or the gradient with respect to `x`; their gradient is zero.
+  * Blocks that are not stored are structural zeros: they contribute
+    nothing, even where `x` holds NaN or Inf. Stored entries follow IEEE
+    arithmetic (a stored 0 times Inf is NaN), as in a dense product.
+  * Empty dimensions: no rows (any leading dimension 0) gives an empty
+    result `[..., N]`; `K = 0` or no stored block gives zeros; `N = 0`
+    gives `[..., 0]`.
+  * `x`'s last dimension must be `K`; when it is unknown while tracing it
+    is checked at run time (`x has 12 columns but the sparse matrix has
+    K = 8`).
 
   Args:
     x: dense tensor `[..., K]` of the matrix's dtype.
@@ -72,6 +97,9 @@ def _bsr_matmul(x, matrix):
 
 
 def _check_operand(dtype, shape, matrix):
+  # The layout's dimensions first, as the kernels order their checks (a
+  # matrix built from checked layout variables skipped `__validate__`).
+  validation.check_dims(matrix.shape, matrix.block_size)
   if dtype != matrix.values.dtype:
     raise validation.invalid(
         f"x has dtype {dtype.name} but the matrix holds {matrix.dtype.name}")
@@ -81,6 +109,9 @@ def _check_operand(dtype, shape, matrix):
     raise validation.invalid(f"x must have rank >= 1, got shape {shape}")
   k = matrix.shape[0]
   if shape[-1] is not None and shape[-1] != k:
+    # A broken layout is reported first, as the kernels do (only on this
+    # error path: the static checks cost time on every call).
+    validation.check_matrix(matrix)
     raise validation.invalid(
         f"x has {shape[-1]} columns but the sparse matrix has K = {k}")
 
@@ -94,15 +125,29 @@ def _matmul_2d(x, matrix):
 
 
 def _matmul_nd(x, matrix):
-  """`x [..., K]` of any other rank, through a 2-D `[-1, K]` view."""
+  """`x [..., K]` of any other rank, through a 2-D `[rows, K]` view.
+
+  The view keeps x's own last dimension, so that a wrong one still fails
+  in the product (a `[-1, K]` view would reinterpret the data), and counts
+  its rows explicitly (`-1` makes one row out of none when K = 0).
+  """
   k, n = matrix.shape
   batch = x.shape[:-1]
-  if batch.is_fully_defined():
-    # Static batch shape: plain reshapes, no shape ops to run per call.
-    y2 = _matmul_2d(tf.reshape(x, [-1, k]), matrix)
+  if batch.is_fully_defined() and x.shape[-1] is not None:
+    # Static shape: plain reshapes, no shape ops to run per call.
+    rows = math.prod(batch.as_list())
+    y2 = _matmul_2d(tf.reshape(x, [rows, k]), matrix)
     return tf.reshape(y2, batch.as_list() + [n])
-  batch_shape = tf.shape(x)[:-1]
-  y2 = _matmul_2d(tf.reshape(x, [-1, k]), matrix)
+  if x.shape.rank is None:
+    rank = tf.rank(x)
+    with tf.control_dependencies([validation.check(
+        rank >= 1, lambda: validation.fmt("x must have rank >= 1, got rank {}",
+                                          rank))]):
+      x = tf.identity(x)
+  shape = tf.shape(x)
+  batch_shape = shape[:-1]
+  y2 = _matmul_2d(tf.reshape(x, tf.stack([tf.reduce_prod(batch_shape),
+                                          shape[-1]])), matrix)
   y = tf.reshape(y2, tf.concat([batch_shape, [n]], axis=0))
   if x.shape.rank is not None:
     y.set_shape(batch.concatenate([n]))

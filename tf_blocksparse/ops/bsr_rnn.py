@@ -23,6 +23,24 @@ Semantics follow `tf_keras.backend.rnn`: a masked step (mask False) keeps
 the states and outputs the previous step's output (zeros with
 `zero_output_for_mask`); `go_backwards` processes the last step first and
 returns the outputs in processing order.
+
+Contract (the fused op and the TF loop give the same result or fail with
+the same message, eagerly and inside `tf.function`, also when shapes are
+only known at run time):
+
+* `x_proj` is `[batch, time, gates * units]`, every initial state
+  `[batch, units]` (no broadcasting of a batch of 1), `mask`
+  `[batch, time]` exactly; `recurrent_bias` has `3 * units` entries, or,
+  when its length is unknown while tracing, may be empty (no bias).
+  Violations raise `InvalidArgumentError` naming the shapes.
+* The recurrent matrix follows `bsr_matmul`'s contract: a malformed
+  layout fails even when no step runs; the padding of its edge blocks is
+  ignored; blocks not stored are zeros.
+* Empty dimensions: `time = 0` gives outputs `[batch, 0, units]` and the
+  initial states; `batch = 0` gives empty outputs and states; `units = 0`
+  gives empty features.
+* NaN/Inf in `x_proj` or the states propagate through the cell math as in
+  the TF loop.
 """
 
 import tensorflow as tf
@@ -40,7 +58,8 @@ _KERNEL_DTYPES = (tf.float32, tf.float64)
 
 def _hard_sigmoid(x):
   # tf_keras' definition, in the same order of operations.
-  return tf.clip_by_value(x * tf.cast(0.2, x.dtype) + tf.cast(0.5, x.dtype),
+  # (tf.constant: tf.cast(0.2, float64) would round 0.2 to float32 first.)
+  return tf.clip_by_value(x * tf.constant(0.2, x.dtype) + tf.constant(0.5, x.dtype),
                           0.0, 1.0)
 
 
@@ -66,6 +85,9 @@ def lstm_sequence(x_proj, h0, c0, recurrent, mask=None, activation="tanh",
                   recurrent_activation="sigmoid", go_backwards=False,
                   zero_output_for_mask=False, name=None):
   """Runs an LSTM over a sequence; returns `(outputs, h, c)`.
+
+  Both paths follow the contract of this module's docstring (shapes
+  checked at run time when unknown, padding ignored, empty dimensions).
 
   Args:
     x_proj: `[batch, time, 4 * units]`, `x @ kernel + bias` for every step.
@@ -113,7 +135,9 @@ def lstm_sequence(x_proj, h0, c0, recurrent, mask=None, activation="tanh",
           recurrent_activation=recurrent_activation,
           go_backwards=go_backwards, zero_output_for_mask=zero_output_for_mask)
 
-    out, h, c = _sequence(loop, fused, recurrent, [x_proj, *states], acts)
+    checks = lambda: _runtime_checks(4, recurrent, x_proj, states, mask)
+    out, h, c = _sequence(loop, fused, recurrent, [x_proj, *states], acts,
+                          checks=checks)
     return out, h, c
 
 
@@ -122,6 +146,9 @@ def gru_sequence(x_proj, h0, recurrent, recurrent_bias=None, mask=None,
                  reset_after=True, go_backwards=False,
                  zero_output_for_mask=False, name=None):
   """Runs a GRU (tf_keras semantics) over a sequence; returns `(outputs, h)`.
+
+  Both paths follow the contract of this module's docstring (shapes
+  checked at run time when unknown, padding ignored, empty dimensions).
 
   Args:
     x_proj: `[batch, time, 3 * units]`, `x @ kernel + input_bias`.
@@ -151,10 +178,18 @@ def gru_sequence(x_proj, h0, recurrent, recurrent_bias=None, mask=None,
     units = recurrent.shape[0]
     if recurrent_bias is not None:
       recurrent_bias = tf.convert_to_tensor(recurrent_bias, x_proj.dtype)
-      if recurrent_bias.shape.rank != 1 or recurrent_bias.shape[0] != 3 * units:
-        raise validation.invalid(
+      if recurrent_bias.shape.rank != 1 or not recurrent_bias.shape.is_compatible_with(
+          [3 * units]):
+        raise _invalid(recurrent,
             f"recurrent_bias must have shape [{3 * units}], got "
             f"{recurrent_bias.shape}")
+      if recurrent_bias.shape[0] is None:
+        # Checked at run time (the op, or the loop's checks); an empty
+        # vector means no bias there, as in the op.
+        bias = recurrent_bias
+        recurrent_bias = tf.cond(tf.equal(tf.size(bias), 0),
+                                 lambda: tf.zeros([3 * units], bias.dtype),
+                                 lambda: bias)
     acts = (activation, recurrent_activation)
     options = dict(mask=mask, go_backwards=go_backwards,
                    zero_output_for_mask=zero_output_for_mask)
@@ -177,9 +212,11 @@ def gru_sequence(x_proj, h0, recurrent, recurrent_bias=None, mask=None,
     inputs = [x_proj, *states]
     if recurrent_bias is not None:
       inputs.append(recurrent_bias)
+    checks = lambda: _runtime_checks(3, recurrent, x_proj, states, mask,
+                                     recurrent_bias)
     # Without reset_after a step has a second product, (r * h) @ U.
     out, h = _sequence(loop, fused, recurrent, inputs, acts,
-                       products=1 if reset_after else 2)
+                       products=1 if reset_after else 2, checks=checks)
     return out, h
 
 
@@ -187,6 +224,9 @@ def simple_rnn_sequence(x_proj, h0, recurrent, mask=None, activation="tanh",
                         go_backwards=False, zero_output_for_mask=False,
                         name=None):
   """Runs `h_t = activation(x_proj[:, t] + h_{t-1} @ U)`; returns `(outputs, h)`.
+
+  Both paths follow the contract of this module's docstring (shapes
+  checked at run time when unknown, padding ignored, empty dimensions).
 
   Arguments as in `lstm_sequence`, with `recurrent` `[units, units]`.
 
@@ -216,8 +256,9 @@ def simple_rnn_sequence(x_proj, h0, recurrent, mask=None, activation="tanh",
           recurrent.row_ptr, _dense_shape(recurrent), activation=activation,
           go_backwards=go_backwards, zero_output_for_mask=zero_output_for_mask)
 
+    checks = lambda: _runtime_checks(1, recurrent, x_proj, states, mask)
     out, h = _sequence(loop, fused, recurrent, [x_proj, *states],
-                       (activation,))
+                       (activation,), checks=checks)
     return out, h
 
 
@@ -238,21 +279,25 @@ def _check_inputs(kind, gates, x_proj, states, recurrent, mask):
         f"{kind}: ragged inputs are not supported; pad them "
         "(`inputs.to_tensor()`) and pass a mask")
   x_proj = tf.convert_to_tensor(x_proj)
+  # The matrix's dimensions before anything is compared with them, as the
+  # op orders its checks (a matrix built from checked layout variables
+  # skipped `__validate__`).
+  validation.check_dims(recurrent.shape, recurrent.block_size)
   units, width = recurrent.shape
   if width != gates * units:
-    raise validation.invalid(
+    raise _invalid(recurrent,
         f"{kind}: the recurrent matrix must be [units, {gates} * units], got "
         f"[{units}, {width}]")
   if x_proj.dtype != recurrent.dtype:
-    raise validation.invalid(
+    raise _invalid(recurrent,
         f"{kind}: x_proj has dtype {x_proj.dtype.name} but the recurrent "
         f"matrix holds {recurrent.dtype.name}")
   if x_proj.shape.rank != 3:
-    raise validation.invalid(
+    raise _invalid(recurrent,
         f"{kind}: x_proj must have rank 3 [batch, time, {gates * units}], "
         f"got shape {x_proj.shape}")
   if x_proj.shape[2] is not None and x_proj.shape[2] != gates * units:
-    raise validation.invalid(
+    raise _invalid(recurrent,
         f"{kind}: x_proj has {x_proj.shape[2]} features but {gates} gates of "
         f"{units} units need {gates * units}")
   checked = []
@@ -260,7 +305,7 @@ def _check_inputs(kind, gates, x_proj, states, recurrent, mask):
     state = tf.convert_to_tensor(state, x_proj.dtype)
     expected = tf.TensorShape([x_proj.shape[0], units])
     if state.shape.rank != 2 or not state.shape.is_compatible_with(expected):
-      raise validation.invalid(
+      raise _invalid(recurrent,
           f"{kind}: initial state {i} must have shape [batch, units] = "
           f"{expected.as_list()}, got {state.shape}")
     checked.append(state)
@@ -270,10 +315,77 @@ def _check_inputs(kind, gates, x_proj, states, recurrent, mask):
       mask = tf.cast(mask, tf.bool)
     if mask.shape.rank != 2 or not mask.shape.is_compatible_with(
         x_proj.shape[:2]):
-      raise validation.invalid(
+      raise _invalid(recurrent,
           f"{kind}: mask must have shape [batch, time] = "
           f"{x_proj.shape[:2].as_list()}, got {mask.shape}")
   return x_proj, checked, mask
+
+
+def _invalid(recurrent, message):
+  """The error for a static check; a broken layout is reported first, as the
+  op orders its checks (only on this error path: the static checks of the
+  matrix cost time on every call)."""
+  validation.check_matrix(recurrent)
+  return validation.invalid(message)
+
+
+def _runtime_checks(gates, recurrent, x_proj, states, mask, bias=None):
+  """The op's shape checks, as graph assertions for the TF loop.
+
+  The shapes only where a dimension is unknown while tracing (the static
+  checks above cover the rest), with the op's messages and in its order: a
+  TF loop would otherwise broadcast a state or mask of batch 1, or accept a
+  longer mask. Returns the control dependencies.
+  """
+  units, width = recurrent.shape
+  # The loop only multiplies inside its steps: with no step (time or batch
+  # 0) nothing would check the layout, which the op always checks.
+  layout = lambda: validation.structure_assertions(
+      tf.shape(recurrent.values)[0], recurrent.col_indices, recurrent.row_ptr,
+      recurrent.shape, recurrent.block_size)
+  tensors = [x_proj, *states] + [t for t in (mask, bias) if t is not None]
+  if all(t.shape.is_fully_defined() for t in tensors):
+    return [layout()]
+  xs = tf.shape(x_proj, out_type=tf.int64)
+  h0 = tf.shape(states[0], out_type=tf.int64)
+  fmt = validation.fmt
+  conditions = [
+      (tf.equal(h0[0], xs[0]),
+       lambda: fmt("initial state h0 has batch size {} but x_proj has {}",
+                   h0[0], xs[0])),
+      (tf.equal(xs[2], gates * h0[1]),
+       lambda: fmt("x_proj has {} columns but " f"{gates}" " gates of {} units "
+                   "need {}", xs[2], h0[1], gates * h0[1])),
+  ]
+  if len(states) > 1:
+    c0 = tf.shape(states[1], out_type=tf.int64)
+    conditions.append(
+        (tf.reduce_all(tf.equal(c0, h0)),
+         lambda: tf.strings.join([
+             "initial state c0 must have the shape of h0 ",
+             validation.shape_string(h0), ", got ", validation.shape_string(c0)])))
+  if mask is not None:
+    ms = tf.shape(mask, out_type=tf.int64)
+    conditions.append(
+        (tf.reduce_all(tf.equal(ms, xs[:2])),
+         lambda: tf.strings.join([
+             fmt("mask must have shape [batch, time] = [{}, {}] or be empty, "
+                 "got ", xs[0], xs[1]), validation.shape_string(ms)])))
+  if bias is not None:
+    bs = tf.shape(bias, out_type=tf.int64)
+    conditions.append(
+        (tf.equal(bs[0], gates * h0[1]),
+         lambda: tf.strings.join([
+             fmt("recurrent_bias must have shape [{}] or be empty, got ",
+                 gates * h0[1]), validation.shape_string(bs)])))
+  with tf.control_dependencies([validation.first_failure(conditions)]):
+    row_ids = layout()
+  with tf.control_dependencies([row_ids]):
+    return [validation.check(
+        tf.equal(h0[1], units),
+        lambda: fmt("the recurrent matrix must be [units, " f"{gates}"
+                    " * units] = [{}, {}], got " f"[{units}, {width}]",
+                    h0[1], gates * h0[1]))]
 
 
 def _fusable(dtype, activations):
@@ -301,18 +413,26 @@ def _flat(result):
 # --- running and differentiating a sequence -----------------------------------
 
 
-def _sequence(loop, fused, recurrent, inputs, activations, products=1):
+def _sequence(loop, fused, recurrent, inputs, activations, products=1,
+              checks=None):
   """Runs `fused(lib, values, *inputs)`, or the TF `loop` without the library.
 
   `loop(values, *inputs, probes=())` is the differentiable recurrence (see
-  `_loop`); `products` is the number of recurrent products in one step.
-  Returns `(outputs, *final_states)`.
+  `_loop`); `products` is the number of recurrent products in one step;
+  `checks()` gives the run-time shape checks the loop needs (the op makes
+  its own). Returns `(outputs, *final_states)`.
   """
   values = tf.convert_to_tensor(recurrent.values)
-  if not _fusable(values.dtype, activations):
+  fusable = _fusable(values.dtype, activations)
+  lib = _loader.library() if fusable else None
+  if lib is None and checks is not None:
+    deps = checks()
+    if deps:
+      with tf.control_dependencies(deps):
+        inputs = [tf.identity(inputs[0]), *inputs[1:]]
+  if not fusable:
     # A callable (which may hold variables) or a half type: plain autodiff.
     return _flat(loop(values, *inputs))
-  lib = _loader.library()
   if lib is None:
     forward = lambda *args: _flat(loop(*args))
   else:
@@ -343,11 +463,16 @@ def _with_sequence_gradient(forward, loop, recurrent, values, inputs,
     def grad(*upstream):
       upstream = [tf.zeros_like(r) if u is None else u
                   for u, r in zip(upstream, results)]
+      # After the forward pass (and so after its checks): a malformed input
+      # then fails with the forward's message, not inside the recomputed
+      # loop running alongside it.
+      with tf.control_dependencies(upstream):
+        inputs_after = [tf.identity(t) for t in inputs]
       # The path the forward pass took, even if the gradient is taken
       # outside its `use_custom_ops` block.
       with _loader.use_custom_ops(custom):
-        return _sequence_grads(loop, recurrent.with_values(values), inputs,
-                               upstream, products)
+        return _sequence_grads(loop, recurrent.with_values(values),
+                               inputs_after, upstream, products)
 
     return tuple(results), grad
 
@@ -366,10 +491,15 @@ def _sequence_grads(loop, matrix, inputs, upstream, products):
   grads = tape.gradient(_flat((outputs, states)), [*inputs, *probes],
                         output_gradients=upstream,
                         unconnected_gradients=tf.UnconnectedGradients.ZERO)
-  d_products = tf.concat(
-      [tf.reshape(g, [-1, width]) for g in grads[len(inputs):]], axis=0)
-  lhs = tf.concat([tf.reshape(t, [-1, units]) for t in taps], axis=0)
+  d_products = tf.concat([_rows(g, width) for g in grads[len(inputs):]], axis=0)
+  lhs = tf.concat([_rows(t, units) for t in taps], axis=0)
   return [_values_grad(lhs, d_products, matrix), *grads[:len(inputs)]]
+
+
+def _rows(t, cols):
+  """`t [..., cols]` as `[rows, cols]`, counting the rows (`[-1, 0]` would
+  make one row out of none)."""
+  return tf.reshape(t, tf.stack([tf.reduce_prod(tf.shape(t)[:-1]), cols]))
 
 
 def _values_grad(x, dy, matrix):
@@ -463,10 +593,19 @@ def _loop(step, x_proj, states, mask, go_backwards, zero_output_for_mask,
   _, out_ta, _, states, tap_tas = tf.while_loop(
       lambda t, *_: t < time, body,
       (0, out_ta, prev_out, list(states), tap_tas))
-  outputs = tf.transpose(out_ta.stack(), [1, 0, 2])
+  outputs = tf.transpose(_stack(out_ta, time, states[0]), [1, 0, 2])
   if probes:
-    return outputs, states, [ta.stack() for ta in tap_tas]
+    return outputs, states, [_stack(ta, time, states[0]) for ta in tap_tas]
   return outputs, states
+
+
+def _stack(ta, time, like):
+  """`ta.stack()`, also for no steps with an element shape known only at
+  run time (TensorArray cannot stack an empty list of unknown shape)."""
+  if like.shape.is_fully_defined():
+    return ta.stack()
+  empty = lambda: tf.zeros(tf.concat([[0], tf.shape(like)], 0), like.dtype)
+  return tf.cond(time > 0, ta.stack, empty)
 
 
 def _unstacked(tensor):

@@ -1,8 +1,10 @@
 """Pure-TensorFlow BSR products, used when the compiled ops are missing.
 
-Only stock ops (pad, gather, einsum, unsorted_segment_sum), so it runs
+Only stock ops (pad, gather, batched matmul, unsorted_segment_sum), so it runs
 anywhere TensorFlow runs and TensorFlow differentiates it; the compiled
-kernels are tested against it.
+kernels are tested against it. The structure and the operands are checked
+with graph assertions that give the C++ kernels' messages, and the padding
+of the edge blocks is ignored as the kernels ignore it (see `bsr_matmul`).
 """
 
 import tensorflow as tf
@@ -10,37 +12,90 @@ import tensorflow as tf
 from tf_blocksparse.bsr import validation
 
 
+def _effective_blocks(matrix):
+  """The stored blocks cut to the matrix, `(values, bh', bw')`.
+
+  A block taller than K (wider than N) has only one block row (column):
+  the rest is padding. Cut, the zero-padded operands stay below twice
+  their size, where padding them to a block of 2^30 rows would allocate
+  gigabytes the kernels never touch.
+  """
+  (k, n), (bh, bw) = matrix.shape, matrix.block_size
+  ebh, ebw = min(bh, k), min(bw, n)
+  values = matrix.values
+  if (ebh, ebw) != (bh, bw):
+    values = values[:, :ebh, :ebw]
+  return values, ebh, ebw
+
+
 def bsr_matmul_2d(x, matrix):
   """`x @ W` for 2-D `x` [M, K], validated with graph assertions."""
-  (k, n), (bh, bw) = matrix.shape, matrix.block_size
+  (k, n) = matrix.shape
   nbr, nbc = matrix.block_grid
   row_ids = validation.structure_assertions(
       tf.shape(matrix.values)[0], matrix.col_indices, matrix.row_ptr,
       matrix.shape, matrix.block_size)
-  m = tf.shape(x)[0]
+  values, bh, bw = _effective_blocks(matrix)
+  if x.shape[1] is None:  # else checked while tracing
+    cols = tf.shape(x, out_type=tf.int64)[1]
+    with tf.control_dependencies([validation.check(
+        tf.equal(cols, k), lambda: validation.fmt(
+            "x has {} columns but the sparse matrix has K = " f"{k}", cols))]):
+      x = tf.identity(x)
+  values = _without_padding(values, matrix, row_ids, bh, bw)
+  # int64 sizes: K or N may be up to 2^31 - 1, the padded ones beyond.
+  m = tf.shape(x, out_type=tf.int64)[0]
   x_blocks = tf.reshape(tf.pad(x, [[0, 0], [0, nbr * bh - k]]), [m, nbr, bh])
-  gathered = tf.gather(x_blocks, row_ids, axis=1)            # [M, nnzb, bh]
-  products = tf.einsum("mpi,pio->pmo", gathered, matrix.values)  # [nnzb, M, bw]
+  x_blocks = tf.transpose(x_blocks, [1, 0, 2])               # [nbr, M, bh]
+  gathered = tf.gather(x_blocks, row_ids)                    # [nnzb, M, bh]
+  # A batched matmul, not einsum: einsum gives [1, 0, bw] for M = nnzb = 0.
+  products = tf.matmul(gathered, values)                     # [nnzb, M, bw]
   summed = tf.math.unsorted_segment_sum(products, matrix.col_indices, nbc)
   y = tf.reshape(tf.transpose(summed, [1, 0, 2]), [m, nbc * bw])
   return y[:, :n]
 
 
+def _without_padding(values, matrix, row_ids, bh, bw):
+  """The (effective) block values with the edge blocks' padding set to zero.
+
+  The padding is ignored (the compiled kernels never read it): multiplied
+  with the zero-padded operand, a NaN or Inf stored there would still give
+  NaN. `tf.where`, so its gradient there is zero too, as the kernels'.
+  """
+  k, n = matrix.shape
+  if (k == 0 or k % bh == 0) and (n == 0 or n % bw == 0):
+    return values
+  rows = (tf.cast(row_ids, tf.int64)[:, None] * bh
+          + tf.range(bh, dtype=tf.int64)[None, :]) < k              # [nnzb, bh]
+  cols = (tf.cast(matrix.col_indices, tf.int64)[:, None] * bw
+          + tf.range(bw, dtype=tf.int64)[None, :]) < n
+  keep = rows[:, :, None] & cols[:, None, :]
+  return tf.where(keep, values, tf.zeros([], values.dtype))
+
+
 def bsr_values_grad_2d(x, dy, matrix):
   """Gradient of `x @ W` with respect to the block values, `[nnzb, bh, bw]`.
 
-  `x` [M, K], `dy` [M, N]: the blocks of `x^T dy` at the stored positions.
-  One dense product rather than per-block gathers: for the large M of a
-  whole sequence (batch * time) gathering `[M, nnzb, bh]` slices would need
-  far more memory than the `[K, N]` product.
+  `x` [M, K], `dy` [M, N]: the blocks of `x^T dy` at the stored positions
+  (zero in the padding, which x and dy do not reach). One dense product
+  rather than per-block gathers: for the large M of a whole sequence
+  (batch * time) gathering `[M, nnzb, bh]` slices would need far more
+  memory than the `[K, N]` product.
   """
   (k, n), (bh, bw) = matrix.shape, matrix.block_size
   nbr, nbc = matrix.block_grid
   row_ids = validation.structure_assertions(
       tf.shape(matrix.values)[0], matrix.col_indices, matrix.row_ptr,
       matrix.shape, matrix.block_size)
-  x = tf.pad(x, [[0, 0], [0, nbr * bh - k]])
-  dy = tf.pad(dy, [[0, 0], [0, nbc * bw - n]])
-  full = tf.matmul(x, dy, transpose_a=True)                  # [nbr*bh, nbc*bw]
-  blocks = tf.transpose(tf.reshape(full, [nbr, bh, nbc, bw]), [0, 2, 1, 3])
-  return tf.gather_nd(blocks, tf.stack([row_ids, matrix.col_indices], axis=1))
+  _, ebh, ebw = _effective_blocks(matrix)
+  x = tf.pad(x, [[0, 0], [0, nbr * ebh - k]])
+  dy = tf.pad(dy, [[0, 0], [0, nbc * ebw - n]])
+  full = tf.matmul(x, dy, transpose_a=True)                # [nbr*bh', nbc*bw']
+  blocks = tf.transpose(tf.reshape(full, [nbr, ebh, nbc, ebw]), [0, 2, 1, 3])
+  grad = tf.gather_nd(blocks, tf.stack([row_ids, matrix.col_indices], axis=1))
+  # gather_nd of no indices has an unknown block shape; the values' is known.
+  # (not [-1, ...]: with bh' or bw' 0 that makes one block out of none)
+  grad = tf.reshape(grad, [tf.size(matrix.col_indices), ebh, ebw])
+  if (ebh, ebw) != (bh, bw):  # zero for the cut padding
+    grad = tf.pad(grad, [[0, 0], [0, bh - ebh], [0, bw - ebw]])
+  return grad

@@ -1,0 +1,56 @@
+"""The bounded fuzz run of the test command (about a minute on 2 cores).
+
+Fixed seeds, so a failure reproduces: `python tests/fuzz/fuzz_driver.py`
+runs the long campaign over other seeds. Every batch runs in a subprocess;
+a crash or hang there is a finding with its case saved.
+"""
+
+import os
+import sys
+
+import pytest
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+
+import fuzz_cases  # pylint: disable=wrong-import-position
+import fuzz_driver  # pylint: disable=wrong-import-position
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory):
+  crash_dir = str(tmp_path_factory.mktemp("crashes"))
+  return fuzz_driver.campaign(cases=400, mutations=20, batch=400,
+                              first_seed=0, timeout=300, crash_dir=crash_dir,
+                              log=lambda s: None)
+
+
+def test_no_crash_hang_or_wrong_result(campaign):
+  assert campaign.findings == [], campaign.findings[:5]
+
+
+def test_every_op_and_path_ran_valid_and_malformed_cases(campaign):
+  # Guard against a run that passes by testing nothing: each op on each of
+  # its paths computed some valid cases and rejected some malformed ones.
+  for suite, ops, paths in (("raw", fuzz_cases.RAW_OPS, ["custom"]),
+                            ("public", fuzz_cases.PUBLIC_OPS, ["custom", "fallback"])):
+    for op in ops:
+      for path in paths:
+        counts = campaign.counts[f"{suite}/{op}/{path}"]
+        assert counts["ok"] > 0 and counts["rejected"] > 0, (suite, op, path, counts)
+
+
+def test_saved_model_mutations_ran_for_both_modes(campaign):
+  for mode in ("portable", "custom_op"):
+    ran = sum(sum(c.values()) for key, c in campaign.counts.items()
+              if key.startswith("saved_model/") and key.endswith("/" + mode))
+    assert ran >= 10, (mode, dict(campaign.counts))
+
+
+def test_a_crashing_case_is_caught_and_saved(tmp_path):
+  result = fuzz_driver.Campaign(str(tmp_path))
+  fuzz_driver.run_batch(result, "selftest", 0, 6, timeout=60)
+  assert result.counts["selftest/selftest/none"]["ok"] == 5  # 0-2 and 4-5
+  assert [f["seed"] for f in result.findings] == [3]
+  assert result.findings[0]["outcome"] == "crash"
+  assert os.path.exists(tmp_path / "selftest-3-crash.txt")
