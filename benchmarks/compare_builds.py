@@ -245,7 +245,10 @@ def main(argv=None):
   print_ratios(summary, [b[0] for b in args.build])
   if args.out:
     with open(args.out, "w") as f:
-      json.dump({"builds": {b[0]: {"path": b[1], "env": b[2]} for b in args.build},
+      # "meta": the machine (CPU model, flags) once; each build's kernel
+      # ISA is in its rounds' meta.
+      json.dump({"meta": runs[args.build[0][0]][0]["meta"],
+                 "builds": {b[0]: {"path": b[1], "env": b[2]} for b in args.build},
                  "rounds": runs, "medians": summary}, f, indent=1)
     print("wrote", args.out)
 
