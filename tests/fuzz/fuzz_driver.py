@@ -54,6 +54,29 @@ class Campaign:
             "num_findings": len(self.findings)}
 
 
+def package_root():
+  """The folder holding the tf_blocksparse this process would import.
+
+  The workers put it first on their sys.path, so they test the same copy as
+  the caller: the installed package under CI (whose source tree has no
+  compiled library), the source tree in a developer's in-place build, or a
+  sanitized copy when TFBS_FUZZ_PACKAGE_ROOT names one.
+  """
+  if os.environ.get("TFBS_FUZZ_PACKAGE_ROOT"):
+    return os.environ["TFBS_FUZZ_PACKAGE_ROOT"]
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.find_spec("tf_blocksparse")
+  if spec is None or not spec.origin:
+    return _ROOT
+  return os.path.dirname(os.path.dirname(spec.origin))
+
+
+def _child_env(env=None):
+  env = dict(os.environ if env is None else env)
+  env["TFBS_FUZZ_PACKAGE_ROOT"] = env.get("TFBS_FUZZ_PACKAGE_ROOT") or package_root()
+  return env
+
+
 # Outcomes that break the contract (crash and hang come from the driver).
 FINDINGS = ("wrong", "silent", "refused", "message", "unexpected", "oom",
             "disagree", "crash", "hang", "harness_error")
@@ -75,7 +98,7 @@ def run_batch(campaign, suite, start, count, timeout, base_dir=None, env=None):
     cmd = [sys.executable, WORKER, suite, str(seed), str(end - seed), progress]
     if base_dir:
       cmd.append(base_dir)
-    proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=_ROOT)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=_child_env(env), cwd=_ROOT)
     hung = False
     while proc.poll() is None:
       time.sleep(0.5)
@@ -161,7 +184,8 @@ def campaign(cases, mutations, batch=250, first_seed=0, timeout=300,
     import fuzz_saved_model  # pylint: disable=import-outside-toplevel
     base = tempfile.mkdtemp(prefix="tfbs_fuzz_sm_")
     prepared = subprocess.run([sys.executable, fuzz_saved_model.__file__, "prepare", base],
-                              capture_output=True, text=True, cwd=_ROOT)
+                              capture_output=True, text=True, cwd=_ROOT,
+                              env=_child_env())
     if prepared.returncode != 0:
       raise RuntimeError(f"preparing the SavedModels failed:\n{prepared.stderr[-3000:]}")
     sm_batch = max(1, batch // 5)

@@ -29,6 +29,14 @@ def test_no_crash_hang_or_wrong_result(campaign):
   assert campaign.findings == [], campaign.findings[:5]
 
 
+def test_workers_tested_the_package_this_process_imports(campaign):
+  # Under CI the package is installed and the source tree has no compiled
+  # library: workers that imported the source tree would test the fallback
+  # only and call it the custom path.
+  import tf_blocksparse  # pylint: disable=import-outside-toplevel
+  assert os.path.realpath(campaign.package) == os.path.realpath(tf_blocksparse.__file__)
+
+
 def test_every_op_and_path_ran_valid_and_malformed_cases(campaign):
   # Guard against a run that passes by testing nothing: each op on each of
   # its paths computed some valid cases and rejected some malformed ones.
