@@ -1,11 +1,14 @@
 // Register-tiled CPU kernels for BSR products, compiled once per ISA
 // (cpu_isa.h sets the namespace, the vector width and the register count).
 //
-// Three kernels, chosen per call by Plan() (the one tile table):
+// Four kernels, chosen per call by Plan() (the one tile table):
 // - ScatterProduct (x @ W, up to 4 dense rows): the blocks in storage order,
 //   each added into its block column of a per-thread output; grouping by
 //   block column instead reads small blocks a block row apart, a cache
 //   miss each (4x4 blocks at M = 1 are one cache line apiece).
+// - GatherProduct (dy @ W^T, up to 7 dense rows): a block row's blocks in
+//   storage order, each block row a lane-wise dot product with dy, summed
+//   across lanes once per block row; no block is copied or transposed.
 // - RowProduct: vectors along a block's output columns, one broadcast of
 //   the dense operand per row; best when there are few dense rows and the
 //   block is at least a vector wide (M = 1..8 with 16x16 blocks: GEMV-like).
@@ -362,6 +365,201 @@ void ScatterProduct(const ScatterArgs<T>& a, int64_t rb, int64_t re) {
 #undef TFBS_CASE
 }
 
+// ------------------------------------------------------------- gather rows
+
+// Dense rows up to which dy @ W^T takes GatherProduct (from 8 rows the
+// panels, one vector of rows, are as fast; 8 dense rows leave too few
+// registers for the accumulators).
+constexpr int64_t kGatherMaxRows = 7;
+
+// dy @ W^T for kRows dense rows and groups (block rows of W) [gb, ge).
+// A block row's blocks are contiguous in storage, and row i of a stored
+// [BH, BW] block times dy's segment is a dot product: its products are
+// summed lane-wise across all the row's blocks, and across lanes once at
+// the end, so no block is copied or transposed. The block is read as flat
+// vectors of L lanes: with BW >= L a vector is part of one block row; with
+// BW < L it holds L / BW rows, and dy's segment comes repeated L / BW times
+// (the caller's copy, see GatherProduct), so a 4x4 block is one FMA.
+// Sum of a vector's lanes, by halving (log2 of the lanes adds, not one
+// scalar add per lane).
+template <typename T, int kBytes>
+inline T SumLanes(typename Vec<T, kBytes>::type v) {
+  if constexpr (kBytes == static_cast<int>(sizeof(T))) {
+    return v[0];
+  } else {
+    typedef typename Vec<T, kBytes / 2>::type H;
+    H lo, hi;
+    std::memcpy(&lo, &v, kBytes / 2);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + kBytes / 2, kBytes / 2);
+    return SumLanes<T, kBytes / 2>(lo + hi);
+  }
+}
+
+template <typename T, int BH, int BW, int kRows>
+void GatherRows(const GroupedProductArgs<T>& a, int64_t gb, int64_t ge) {
+  constexpr int L = kVecBytes / static_cast<int>(sizeof(T));
+  constexpr bool kRepeated = BW < L;
+  constexpr int kRowsPerVec = kRepeated ? L / BW : 1;
+  constexpr int kVecsPerRow = kRepeated ? 1 : BW / L;
+  static_assert(kRepeated ? (L % BW == 0 && BH % (L / BW) == 0) : BW % L == 0,
+                "block rows must tile whole vectors");
+  // Vector rows of a block: its rows, or its groups of kRowsPerVec rows.
+  constexpr int kVRows = BH / kRowsPerVec;
+  // A pass takes IC vector rows: one accumulator per dense row and vector
+  // row (a row's parts add into it, since only the sum of its lanes is
+  // wanted), beside the dy vectors and a loaded block vector; the passes
+  // of a block row are of equal size.
+  constexpr int kFree = TFBS_VEC_REGS - kRows * kVecsPerRow - 4;
+  constexpr int kChunkRaw0 = (kFree < kAccRegs ? kFree : kAccRegs) / kRows;
+  constexpr int kChunkRaw = kChunkRaw0 < 1 ? 1 : kChunkRaw0;
+  constexpr int kPasses = (kVRows + kChunkRaw - 1) / kChunkRaw;
+  constexpr int IC = (kVRows + kPasses - 1) / kPasses;
+  // Accumulator sets over alternate blocks when a pass has too few
+  // independent FMA chains to cover the FMA latency.
+  constexpr int kSetsRaw = kChunkRaw / IC;
+  constexpr int kWant = (8 + kRows * IC * kVecsPerRow - 1) / (kRows * IC * kVecsPerRow);
+  constexpr int kSets0 = kWant > kSetsRaw ? kSetsRaw : (kWant > 4 ? 4 : kWant);
+  constexpr int kSets = kSets0 < 1 ? 1 : kSets0;
+  typedef typename Vec<T, kVecBytes>::type V;
+  const int64_t ld = a.in_row_stride, cs = a.in_block_stride;
+  for (int64_t g = gb; g < ge; ++g) {
+    const int64_t r0 = g * BH;
+    const int64_t imax = Min(BH, a.out_cols - r0);
+    const int32_t p_begin = a.group_ptr[g], p_end = a.group_ptr[g + 1];
+    // A block row's last block is its rightmost (sorted column indices):
+    // the only one that can be a right edge block.
+    const int32_t p_full =
+        (p_end > p_begin &&
+         static_cast<int64_t>(a.in_block[p_end - 1]) * BW + BW > a.in_cols)
+            ? p_end - 1 : p_end;
+    for (int i0 = 0; i0 < kVRows; i0 += IC) {
+      V acc[kSets][kRows][IC];
+#pragma GCC unroll 4
+      for (int c = 0; c < kSets; ++c)
+#pragma GCC unroll 8
+        for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 32
+          for (int u = 0; u < IC; ++u) acc[c][r][u] = V{};
+      // acc[c] += vector rows [i0, i0 + IC) of a block times dy's vectors.
+      auto step = [&](const T* blk, const T* dy, int64_t dy_ld, int c)
+                      __attribute__((always_inline)) {
+        V d[kRows][kVecsPerRow];
+#pragma GCC unroll 8
+        for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 4
+          for (int v = 0; v < kVecsPerRow; ++v) d[r][v] = LoadVec<V>(dy + r * dy_ld + v * L);
+#pragma GCC unroll 32
+        for (int u = 0; u < IC; ++u) {
+          if (i0 + u >= kVRows) break;  // a shorter last pass
+#pragma GCC unroll 4
+          for (int v = 0; v < kVecsPerRow; ++v) {
+            const V b = LoadVec<V>(blk + ((i0 + u) * kVecsPerRow + v) * L);
+#pragma GCC unroll 8
+            for (int r = 0; r < kRows; ++r) acc[c][r][u] += b * d[r][v];
+          }
+        }
+      };
+      int32_t p = p_begin;
+      for (; p + kSets <= p_full; p += kSets) {
+#pragma GCC unroll 4
+        for (int c = 0; c < kSets; ++c)
+          step(a.blocks + static_cast<int64_t>(p + c) * (BH * BW),
+               a.in + a.in_block[p + c] * cs, ld, c);
+      }
+      for (; p < p_full; ++p)
+        step(a.blocks + static_cast<int64_t>(p) * (BH * BW), a.in + a.in_block[p] * cs, ld, 0);
+      if (p_full < p_end) {
+        // Right edge block: dy has no columns past n, and the block's
+        // padding there may hold anything (NaN too): both read as zero.
+        const int64_t jmax = a.in_cols - static_cast<int64_t>(a.in_block[p_full]) * BW;
+        constexpr int kSeg = kRepeated ? L : BW;
+        T eb[BH * BW];
+        const T* blk = a.blocks + static_cast<int64_t>(p_full) * (BH * BW);
+        for (int i = 0; i < BH; ++i)
+          for (int j = 0; j < BW; ++j) eb[i * BW + j] = j < jmax ? blk[i * BW + j] : T(0);
+        T ed[kRows][kSeg];
+        const T* dy = a.in + a.in_block[p_full] * cs;
+        for (int r = 0; r < kRows; ++r)
+          for (int j = 0; j < kSeg; ++j) ed[r][j] = (j % BW) < jmax ? dy[r * ld + j] : T(0);
+        step(eb, &ed[0][0], kSeg, 0);
+      }
+#pragma GCC unroll 4
+      for (int c = 1; c < kSets; ++c)
+#pragma GCC unroll 8
+        for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 32
+          for (int u = 0; u < IC; ++u) acc[0][r][u] += acc[c][r][u];
+      // Lanes to rows: vector row i0 + u is block row i0 + u, or rows
+      // (i0 + u) * kRowsPerVec + s, each a BW-lane segment.
+      for (int r = 0; r < kRows; ++r) {
+        T* out = a.out + r * a.out_cols + r0;
+        for (int u = 0; u < IC && i0 + u < kVRows; ++u) {
+          if constexpr (!kRepeated) {
+            if (i0 + u < imax) out[i0 + u] = SumLanes<T, kVecBytes>(acc[0][r][u]);
+          } else {
+            T lanes[L];
+            std::memcpy(lanes, &acc[0][r][u], sizeof(V));
+            for (int s = 0; s < kRowsPerVec; ++s) {
+              const int64_t i = static_cast<int64_t>(i0 + u) * kRowsPerVec + s;
+              if (i >= imax) break;
+              T sum = T(0);
+              for (int l = 0; l < BW; ++l) sum += lanes[s * BW + l];
+              out[i] = sum;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int BH, int BW>
+void GatherFixed(const GroupedProductArgs<T>& a, int64_t gb, int64_t ge) {
+  switch (a.m) {
+    case 1: return GatherRows<T, BH, BW, 1>(a, gb, ge);
+    case 2: return GatherRows<T, BH, BW, 2>(a, gb, ge);
+    case 3: return GatherRows<T, BH, BW, 3>(a, gb, ge);
+    case 4: return GatherRows<T, BH, BW, 4>(a, gb, ge);
+    case 5: return GatherRows<T, BH, BW, 5>(a, gb, ge);
+    case 6: return GatherRows<T, BH, BW, 6>(a, gb, ge);
+    default: return GatherRows<T, BH, BW, 7>(a, gb, ge);
+  }
+}
+
+// The shapes Plan() sends to GatherProduct (each has a GatherFixed
+// instance whose rows tile whole vectors on every ISA).
+inline bool GatherShape(int64_t bh, int64_t bw) {
+  return bh == bw && (bh == 4 || bh == 8 || bh == 16 || bh == 32);
+}
+
+// out[c][r][l] = in[r][c * seg + l % seg] for l < lanes (a multiple of
+// seg), zero past cols: each block column's segment of dy repeated to fill
+// a vector, the m rows of one block column side by side (a block's dy
+// vectors in consecutive lines).
+template <typename T>
+void RepeatSegments(const T* in, int64_t m, int64_t cols, int64_t seg,
+                    int64_t lanes, T* out) {
+  const int64_t segs = (cols + seg - 1) / seg;
+  for (int64_t c = 0; c < segs; ++c) {
+    const int64_t width = Min(seg, cols - c * seg);
+    for (int64_t r = 0; r < m; ++r) {
+      T* dst = out + (c * m + r) * lanes;
+      std::memcpy(dst, in + r * cols + c * seg, sizeof(T) * width);
+      for (int64_t j = width; j < seg; ++j) dst[j] = T(0);
+      for (int64_t l = seg; l < lanes; l += seg) std::memcpy(dst + l, dst, sizeof(T) * seg);
+    }
+  }
+}
+
+template <typename T>
+void GatherProduct(const GroupedProductArgs<T>& a, int64_t gb, int64_t ge) {
+  const int64_t bh = a.bo, bw = a.bi;
+#define TFBS_CASE(H, W) \
+  if (bh == H && bw == W) return GatherFixed<T, H, W>(a, gb, ge);
+  TFBS_CASE(4, 4) TFBS_CASE(8, 8) TFBS_CASE(16, 16) TFBS_CASE(32, 32)
+#undef TFBS_CASE
+}
+
 // ------------------------------------------------------------------- panels
 
 // A tile of OC output columns (from o0) times NV panels (from q) of one
@@ -489,7 +687,8 @@ ProductPlan Plan(int64_t m, int64_t bi, int64_t bo, bool transposed) {
   const bool wide_block = bo * static_cast<int64_t>(sizeof(T)) >= kVecBytes;
   const int64_t min_rows = transposed ? kLanes / 2 : (wide_block ? kLanes : kLanes / 2);
   plan.scatter = !transposed && m <= kScatterMaxRows && ScatterShape(bi, bo);
-  plan.panels = !plan.scatter && m >= min_rows;
+  plan.gather = transposed && m <= kGatherMaxRows && GatherShape(bo, bi);
+  plan.panels = !plan.scatter && !plan.gather && m >= min_rows;
   plan.lanes = kLanes;
   plan.pack_rows = !plan.panels && m >= 32;
   return plan;
@@ -638,7 +837,8 @@ template <typename T>
 const CpuKernels<T> kKernels = {
     TFBS_STR(TFBS_ISA_NS), &Plan<T>, &RowProduct<T>, &PanelProduct<T>,
     &PackBlockColumns<T>, &PackPanels<T>, &TransposeBlocks<T>,
-    &ValuesGrad<T>,        &ScatterProduct<T>,
+    &ValuesGrad<T>,        &ScatterProduct<T>,     &GatherProduct<T>,
+    &RepeatSegments<T>,
 };
 
 }  // namespace

@@ -86,6 +86,8 @@ struct ScatterArgs {
 // Which kernel a product of this shape takes, from the ISA's tile table.
 struct ProductPlan {
   bool scatter = false;  // ScatterProduct (x @ W only), else as below
+  bool gather = false;   // GatherProduct (dy @ W^T only), else as below;
+                         // lanes: its vector width
   bool panels = false;  // PanelProduct, else RowProduct
   int64_t lanes = 1;    // panel height (rows per vector) when panels
   bool pack_rows = false;  // RowProduct: pack the operand by block columns
@@ -116,6 +118,16 @@ struct CpuKernels {
                       int64_t p_end);
   void (*scatter_product)(const ScatterArgs<T>& args, int64_t r_begin,
                           int64_t r_end);
+  // dy @ W^T for a few dense rows (plan.gather), groups = block rows
+  // [g_begin, g_end) of W, the blocks read in storage order, untransposed
+  // (GroupedProductArgs as for the transposed product; in_row_stride and
+  // the packing are not used).
+  void (*gather_product)(const GroupedProductArgs<T>& args, int64_t g_begin,
+                         int64_t g_end);
+  // Its dense operand when a block row is narrower than a vector:
+  // out[c][r][l] = in[r][c * seg + l % seg] (zero past cols), l < lanes.
+  void (*repeat_segments)(const T* in, int64_t m, int64_t cols, int64_t seg,
+                          int64_t lanes, T* out);
 };
 
 #define TFBS_DECLARE_MATMUL_KERNELS(ns)        \

@@ -63,6 +63,28 @@ template <typename T>
   auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
   const ProductPlan plan = k.plan(m, args.bi, args.bo, transposed);
   const int64_t per_group = nnzb / num_groups + 1;
+  if (plan.gather) {
+    args.in_row_stride = args.in_cols;
+    args.in_block_stride = args.bi;
+    Tensor repeated;
+    if (args.bi < plan.lanes) {  // block rows narrower than a vector
+      const int64_t segs = (args.in_cols + args.bi - 1) / args.bi;
+      TF_RETURN_IF_ERROR(ctx->allocate_temp(
+          ::tensorflow::DataTypeToEnum<T>::value,
+          TensorShape({m * segs * plan.lanes}), &repeated));
+      T* dst = repeated.flat<T>().data();
+      k.repeat_segments(args.in, m, args.in_cols, args.bi, plan.lanes, dst);
+      args.in = dst;
+      args.in_row_stride = plan.lanes;
+      args.in_block_stride = m * plan.lanes;
+    }
+    const int64_t cost =
+        std::max<int64_t>(1, m * per_group * args.bi * args.bo * 2);
+    pool->ParallelFor(num_groups, cost, [&](int64_t begin, int64_t end) {
+      k.gather_product(args, begin, end);
+    });
+    return ::tensorflow::Status();
+  }
   if (plan.panels) {
     const int64_t lanes = plan.lanes;
     const int64_t nq = (m + lanes - 1) / lanes;

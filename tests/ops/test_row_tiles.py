@@ -36,3 +36,34 @@ def test_every_row_count(path, block):
                                rtol=1e-5, atol=1e-5, err_msg=f"rows={rows}")
     np.testing.assert_allclose(dx.numpy(), dy.astype(np.float64) @ dense.T,
                                rtol=1e-5, atol=1e-5, err_msg=f"rows={rows}")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("block", [4, 8, 16, 32])
+def test_transposed_product_of_few_rows_ignores_nan_padding(path, dtype, block):
+  # dy @ W^T for 1..7 rows reads the stored blocks in place (GatherProduct):
+  # the right and bottom edge blocks' padding is NaN here and must not
+  # reach dx, in either dtype.
+  rng = np.random.default_rng(block)
+  k, n = 70, 75
+  dense, _ = random_block_sparse(rng, k, n, (block, block), density=0.6)
+  dense = dense.astype(dtype)
+  w = tfbs.BlockSparseMatrix.from_dense(dense, (block, block))
+  values = w.values.numpy().copy()
+  rows = np.repeat(np.arange(len(w.row_ptr) - 1), np.diff(w.row_ptr.numpy()))
+  for p, (r, c) in enumerate(zip(rows, w.col_indices.numpy())):
+    values[p, max(0, k - r * block):, :] = np.nan
+    values[p, :, max(0, n - c * block):] = np.nan
+  padded = w.with_values(tf.constant(values))
+  for m in range(1, 8):
+    dy = rng.standard_normal([m, n]).astype(dtype)
+    x = tf.zeros([m, k], dtype)
+    with path_scope(path):
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = tfbs.ops.bsr_matmul(x, padded)
+      dx = tape.gradient(y, x, output_gradients=tf.constant(dy))
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(dx.numpy(), dy.astype(np.float64) @ dense.T.astype(np.float64),
+                               rtol=tol, atol=tol, err_msg=f"rows={m}")
