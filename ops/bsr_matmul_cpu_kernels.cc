@@ -75,7 +75,11 @@ template <typename T, int kLanes>
 constexpr int RowsPerTile() {
   constexpr int kVec = RowVecBytes<T, kLanes>() / static_cast<int>(sizeof(T));
   constexpr int kVecsPerRow = (kLanes + kVec - 1) / kVec;
-  constexpr int kRows = kAccRegs / kVecsPerRow;
+  // The accumulators, and beside them a block row's vectors and one
+  // broadcast: more spills to the stack (32x32 blocks with 16 registers).
+  constexpr int kFit = (TFBS_VEC_REGS - kVecsPerRow - 1) / kVecsPerRow;
+  constexpr int kBudget = kAccRegs / kVecsPerRow;
+  constexpr int kRows = kFit < kBudget ? kFit : kBudget;
   return kRows < 1 ? 1 : (kRows > kMaxRows ? kMaxRows : kRows);
 }
 
@@ -655,8 +659,12 @@ void PanelGroups(const GroupedProductArgs<T>& a, int64_t g_begin,
     // widths users prune to (1, 4, 8, 16, 32) need no odd chunk at all.
     int64_t o0 = 0;
     const int64_t bo = a.bo;
-    for (; o0 + 8 <= bo; o0 += 8)
-      PanelColumns<T, V, 8, kUnitCol>(a, g, o0, q_begin, q_end);
+    // With 16 registers a chunk of 8 leaves one panel per tile (9 loads
+    // per 8 FMAs); 4 columns take 3 panels (7 loads per 12).
+    if constexpr (TFBS_VEC_REGS == 32) {
+      for (; o0 + 8 <= bo; o0 += 8)
+        PanelColumns<T, V, 8, kUnitCol>(a, g, o0, q_begin, q_end);
+    }
     for (; o0 + 4 <= bo; o0 += 4)
       PanelColumns<T, V, 4, kUnitCol>(a, g, o0, q_begin, q_end);
     switch (bo - o0) {
@@ -688,7 +696,10 @@ ProductPlan Plan(int64_t m, int64_t bi, int64_t bo, bool transposed) {
   const int64_t min_rows = transposed ? kLanes / 2 : (wide_block ? kLanes : kLanes / 2);
   plan.scatter = !transposed && m <= kScatterMaxRows && ScatterShape(bi, bo);
   plan.gather = transposed && m <= kGatherMaxRows && GatherShape(bo, bi);
-  plan.panels = !plan.scatter && !plan.gather && m >= min_rows;
+  // With 16 registers a panel tile holds too few accumulators for the
+  // loads it makes; row tiles of blocks a vector wide or more do better.
+  const bool panels_pay = TFBS_VEC_REGS == 32 || !wide_block || transposed;
+  plan.panels = !plan.scatter && !plan.gather && panels_pay && m >= min_rows;
   plan.lanes = kLanes;
   plan.pack_rows = !plan.panels && m >= 32;
   return plan;
