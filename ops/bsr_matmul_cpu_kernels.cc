@@ -697,8 +697,9 @@ ProductPlan Plan(int64_t m, int64_t bi, int64_t bo, bool transposed) {
   plan.scatter = !transposed && m <= kScatterMaxRows && ScatterShape(bi, bo);
   plan.gather = transposed && m <= kGatherMaxRows && GatherShape(bo, bi);
   // With 16 registers a panel tile holds too few accumulators for the
-  // loads it makes; row tiles of blocks a vector wide or more do better.
-  const bool panels_pay = TFBS_VEC_REGS == 32 || !wide_block || transposed;
+  // loads it makes; row tiles of blocks a vector wide or more do better,
+  // even when dy @ W^T must copy the blocks transposed for them first.
+  const bool panels_pay = TFBS_VEC_REGS == 32 || !wide_block;
   plan.panels = !plan.scatter && !plan.gather && panels_pay && m >= min_rows;
   plan.lanes = kLanes;
   plan.pack_rows = !plan.panels && m >= 32;
