@@ -170,9 +170,12 @@ def test_bad_arguments_are_reported(tmp_path, lstm_models):
   with pytest.raises(ValueError, match="bidirectional.*not supported"):
     tfbs.export.export_saved_model(bidirectional, str(tmp_path / "c"),
                                    step_signature=True)
-  # Without a step signature it exports (serving_default only).
-  assert tfbs.export.export_saved_model(
-      bidirectional, str(tmp_path / "c")) == ["serving_default"]
+  # With "auto" it exports serving_default only, and says why not step.
+  with pytest.warns(UserWarning, match="no 'step' signature.*bidirectional"):
+    written = tfbs.export.export_saved_model(bidirectional, str(tmp_path / "c"))
+  assert written == ["serving_default"]
+  assert "bidirectional" in written.skipped["step"]
+  assert "not supported" in written.skipped["step"]
 
 
 # --- the streaming step signature ----------------------------------------------
@@ -220,6 +223,52 @@ def test_step_signature_of_stock_keras_layers(tmp_path, rnn):
     np.testing.assert_allclose(out["logits"], expected[:, t], rtol=1e-5,
                                atol=1e-6)
     h = out["rnn_h"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rnn", ["block_sparse", "stock"])
+def test_masked_model_streams_its_real_frames(tmp_path, mode, rnn):
+  # Masking -> LSTM(return_sequences) -> Dense, the second sequence padded
+  # after 3 of 5 frames. serving_default takes the whole padded batch; the
+  # step signature, fed the real frames only, gives the model's outputs at
+  # those frames.
+  if rnn == "block_sparse":
+    layer = tfbs.layers.BlockSparseLSTM(8, block_size=4, density=0.5,
+                                        return_sequences=True, name="lstm")
+  else:
+    layer = tf_keras.layers.LSTM(8, return_sequences=True, name="lstm")
+  model = tf_keras.Sequential([
+      tf_keras.Input((None, 6), name="frames"),
+      tf_keras.layers.Masking(0.0),
+      layer,
+      tf_keras.layers.Dense(3, name="logits")])
+  x = np.random.RandomState(7).randn(2, 5, 6).astype(np.float32)
+  x[1, 3:] = 0.0
+  expected = model(x).numpy()
+  path = str(tmp_path / f"{rnn}_{mode}")
+  written = tfbs.export.export_saved_model(model, path, mode=mode,
+                                           step_signature=True)
+  assert written == ["serving_default", "step"] and written.skipped == {}
+  loaded = tfbs.export.load_saved_model(path)
+  served = loaded.signatures["serving_default"](frames=tf.constant(x))["logits"]
+  np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
+  step = loaded.signatures["step"]
+  for b, length in ((0, 5), (1, 3)):
+    states = {"lstm_h": tf.zeros([1, 8]), "lstm_c": tf.zeros([1, 8])}
+    for t in range(length):
+      out = step(frames=tf.constant(x[b:b + 1, t]), **states)
+      np.testing.assert_allclose(out["logits"][0], expected[b, t], rtol=1e-5,
+                                 atol=1e-6, err_msg=f"sequence {b} frame {t}")
+      states = {n: out[n] for n in states}
+
+
+def test_tflite_refuses_a_masked_model_with_the_reason(tmp_path):
+  model = tf_keras.Sequential([
+      tf_keras.Input((None, 4), name="frames"),
+      tf_keras.layers.Masking(0.0),
+      tf_keras.layers.LSTM(4, return_sequences=True)])
+  with pytest.raises(ValueError, match="Masking.*masked frames"):
+    tfbs.export.export_tflite(model, str(tmp_path / "m"))
 
 
 # --- damaged exports -------------------------------------------------------------

@@ -37,6 +37,7 @@ import glob
 import os
 import shutil
 import tempfile
+import warnings
 
 import tensorflow as tf
 
@@ -73,7 +74,10 @@ def export_saved_model(model, path, mode="portable", overwrite=False,
       unsupported layer otherwise), False leaves it out.
 
   Returns:
-    The list of signature names written.
+    The list of signature names written (an `ExportedSignatures`, a list
+    whose `skipped` dict gives, for a signature left out, the reason: with
+    `step_signature="auto"` a model that cannot stream gets no `step`, and
+    `skipped["step"]` says which layer prevents it; a warning says so too).
 
   Example:
 
@@ -105,13 +109,18 @@ def export_saved_model(model, path, mode="portable", overwrite=False,
     functions = {"serving_default": signatures.serving_function(model)
                  .get_concrete_function(**signatures.serving_specs(model))}
     specs = None
+    skipped = {}
     if step_signature:
       try:
         specs = signatures.step_specs(model)
-      except ValueError:
-        # "auto": a model that cannot stream gets serving_default only.
+      except ValueError as e:
+        # "auto": a model that cannot stream gets serving_default only,
+        # and the caller is told why.
         if step_signature is True:
           raise
+        skipped["step"] = str(e)
+        warnings.warn(f"export_saved_model: no 'step' signature for model "
+                      f"{model.name}: {e}", stacklevel=2)
     if specs is not None:
       functions["step"] = signatures.step_function(model).get_concrete_function(
           **specs)
@@ -138,7 +147,15 @@ def export_saved_model(model, path, mode="portable", overwrite=False,
   finally:
     if os.path.exists(staging):
       shutil.rmtree(staging, ignore_errors=True)
-  return list(functions)
+  return ExportedSignatures(functions, skipped)
+
+
+class ExportedSignatures(list):
+  """The signature names an export wrote; `skipped`: {name: why not}."""
+
+  def __init__(self, names, skipped=None):
+    super().__init__(names)
+    self.skipped = dict(skipped or {})
 
 
 def load_saved_model(path):

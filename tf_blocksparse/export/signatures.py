@@ -18,6 +18,9 @@ _FRAME_LAYERS = (tf_keras.layers.Dense, BlockSparseDense,
                  tf_keras.layers.Softmax, tf_keras.layers.LayerNormalization)
 # Identity at inference.
 _INFERENCE_IDENTITY = (tf_keras.layers.Dropout, tf_keras.layers.InputLayer)
+# A mask marks padding frames of a batch of sequences; a stream sends its
+# real frames one at a time, so the step function has nothing to mask.
+_MASK_LAYERS = (tf_keras.layers.Masking,)
 _RNN_LAYERS = (tf_keras.layers.SimpleRNN, tf_keras.layers.GRU,
                tf_keras.layers.LSTM, _BlockSparseRNN)
 
@@ -78,6 +81,10 @@ def step_plan(model):
   and one output) of recurrent layers (tf_keras SimpleRNN/GRU/LSTM or the
   block-sparse ones, forward only, not stateful) and per-frame layers
   (Dense, BlockSparseDense, TimeDistributed of those, activations, Dropout).
+  A `Masking` layer is kept in the plan as `("mask", layer)`: the step
+  function treats every frame it is given as a real one (a frame equal to
+  the mask value is not skipped), which is what streaming needs, since a
+  client sends only real frames; a whole-sequence export must honour it.
   """
   check_model(model)
   if len(model.inputs) != 1 or len(model.outputs) != 1:
@@ -102,6 +109,9 @@ def step_plan(model):
     inner = layer.layer if isinstance(layer, tf_keras.layers.TimeDistributed) else layer
     if isinstance(inner, _INFERENCE_IDENTITY):
       continue
+    if isinstance(inner, _MASK_LAYERS) and inner is layer:
+      plan.append(("mask", layer))
+      continue
     if isinstance(inner, _RNN_LAYERS) and inner is layer:
       if not sequence_out:
         raise ValueError(f"layer {layer.name} follows a recurrent layer with "
@@ -120,7 +130,7 @@ def step_plan(model):
           f"layer {layer.name} ({type(layer).__name__}) is not supported in a "
           "step function; supported: SimpleRNN, GRU, LSTM, their "
           "BlockSparse* versions, Dense, BlockSparseDense, TimeDistributed of "
-          "those, activations and Dropout")
+          "those, activations, Dropout and Masking")
   if not seen_rnn:
     raise ValueError(f"model {model.name} has no recurrent layer to stream")
   return plan
@@ -158,6 +168,8 @@ def step_callable(model, plan=None):
   def step(frame, states):
     x, new_states = frame, {}
     for kind, layer in plan:
+      if kind == "mask":
+        continue
       if kind == "frame":
         x = layer(x)
         continue

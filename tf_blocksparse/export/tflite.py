@@ -65,6 +65,15 @@ class _Program:
     self.features = int(model.inputs[0].shape[-1])
     self.layers = []
     for kind, layer in plan:
+      if kind == "mask":
+        # The unrolled sequence model runs every frame: it cannot skip the
+        # masked ones the way the Keras model does.
+        raise ValueError(
+            f"layer {layer.name} (Masking) is not supported by export_tflite: "
+            "the unrolled sequence model would run the masked frames as real "
+            "ones; export a copy of the model without the Masking layer (a "
+            "streaming client sends only real frames), or use "
+            "export_saved_model, whose step signature supports it")
       if kind == "rnn":
         if not isinstance(layer, _LSTM + _GRU + _SIMPLE):
           raise ValueError(f"layer {layer.name} ({type(layer).__name__}) is "
