@@ -100,9 +100,16 @@ def run_batch(campaign, suite, start, count, timeout, base_dir=None, env=None):
       cmd.append(base_dir)
     proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=_child_env(env), cwd=_ROOT)
     hung = False
+    last = time.time()
     while proc.poll() is None:
       time.sleep(0.5)
-      if time.time() - os.path.getmtime(progress) > timeout:
+      now = time.time()
+      if now - last > 5 or _stopped(proc.pid):
+        # This driver or the worker was suspended (SIGSTOP, a paused job):
+        # that time is not the case's, so its clock restarts.
+        os.utime(progress)
+      last = now
+      if now - os.path.getmtime(progress) > timeout:
         proc.kill()
         proc.wait()
         hung = True
@@ -137,6 +144,15 @@ def run_batch(campaign, suite, start, count, timeout, base_dir=None, env=None):
                if rc == 1 and "Traceback" in stderr else "crash")
     _save(campaign, suite, failed, outcome, rc, stderr[-4000:])
     seed = failed + 1
+
+
+def _stopped(pid):
+  """Whether process `pid` is stopped (state T or t in /proc), where known."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+  except (OSError, IndexError):
+    return False
 
 
 def _save(campaign, suite, seed, outcome, rc, stderr):

@@ -5,7 +5,7 @@
 Writes the seed of each case to PROGRESS_FILE before running it (so that the
 driver knows which case killed the process), and one JSON line per case and
 path to stdout. SUITE is raw, public, saved_model, or selftest (which
-aborts at seed 3, to test the driver).
+aborts at seed 3 and sleeps 1.5 s at seed 7, to test the driver).
 """
 
 import json
@@ -45,6 +45,9 @@ def main(argv):
       _mark(progress, seed)
       if seed == 3:
         os.abort()
+      if seed == 7:  # a slow case, to suspend in the middle
+        import time  # pylint: disable=import-outside-toplevel
+        time.sleep(1.5)
       print(json.dumps({"seed": seed, "op": "selftest", "path": "none",
                         "outcome": "ok", "detail": "", "mutation": "none",
                         "graph": False}), flush=True)

@@ -62,3 +62,36 @@ def test_a_crashing_case_is_caught_and_saved(tmp_path):
   assert [f["seed"] for f in result.findings] == [3]
   assert result.findings[0]["outcome"] == "crash"
   assert os.path.exists(tmp_path / "selftest-3-crash.txt")
+
+
+def test_a_suspended_worker_is_not_a_hang(tmp_path):
+  # A worker stopped (SIGSTOP, a paused job) for longer than the timeout in
+  # the middle of a slow case is not a hang: the suspension is not the case's.
+  import signal  # pylint: disable=import-outside-toplevel
+  import threading  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  result = fuzz_driver.Campaign(str(tmp_path))
+  run = threading.Thread(target=fuzz_driver.run_batch,
+                         args=(result, "selftest", 7, 1), kwargs={"timeout": 2})
+  run.start()
+  worker = None
+  for _ in range(100):
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+      try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+          args = f.read().split(b"\0")
+      except OSError:
+        continue
+      if b"selftest" in args and any(a.endswith(b"fuzz_worker.py") for a in args):
+        worker = int(pid)
+    if worker:
+      break
+    time.sleep(0.05)
+  assert worker, "the selftest worker did not start"
+  time.sleep(0.3)
+  os.kill(worker, signal.SIGSTOP)
+  time.sleep(4)  # twice the timeout
+  os.kill(worker, signal.SIGCONT)
+  run.join(60)
+  assert result.findings == []
+  assert result.counts["selftest/selftest/none"]["ok"] == 1
