@@ -258,12 +258,15 @@ def directory_bytes(path):
              for root, _, files in os.walk(path) for f in files)
 
 
-def export_sizes(model, directory):
-  """Exports `model` (SavedModel, portable; TFLite) and returns the sizes."""
+def export_sizes(model, directory, block_sparse="auto"):
+  """Exports `model` (SavedModel, portable; TFLite) and returns the sizes.
+  `block_sparse=False` for a model kept dense on purpose (the baseline)."""
   saved = os.path.join(directory, "saved_model")
-  tfbs.export.export_saved_model(model, saved, overwrite=True)
+  tfbs.export.export_saved_model(model, saved, overwrite=True,
+                                 block_sparse=block_sparse)
   files = tfbs.export.export_tflite(model, os.path.join(directory, "model"),
-                                    sequence_length=16, overwrite=True)
+                                    sequence_length=16, overwrite=True,
+                                    block_sparse=block_sparse)
   return {"savedmodel_bytes": directory_bytes(saved),
           "savedmodel_variables_bytes": directory_bytes(
               os.path.join(saved, "variables")),
@@ -449,7 +452,9 @@ def run(args):
       probe = tf.one_hot(sets[2][0][:2], v)
       np.testing.assert_allclose(fast(probe).numpy(), model(probe).numpy(),
                                  rtol=1e-3, atol=1e-4)
-      sizes = export_sizes(fast, os.path.join(scratch, variant.name))
+      # A model left unconverted is measured as it is (dense).
+      sizes = export_sizes(fast, os.path.join(scratch, variant.name),
+                           block_sparse="auto" if fast is not model else False)
       models[variant.name] = fast
       row = {"name": variant.name, "cell": args.cell, "units": variant.units,
              "block_size": (list(variant.block_size) if variant.block_size

@@ -56,7 +56,7 @@ def main():
   paths = {name: os.path.join(out, name) for name in ("portable", "custom_op", "dense")}
   tfbs.export.export_saved_model(sparse, paths["portable"])
   tfbs.export.export_saved_model(sparse, paths["custom_op"], mode="custom_op")
-  tfbs.export.export_saved_model(dense, paths["dense"])
+  tfbs.export.export_saved_model(dense, paths["dense"], block_sparse=False)
   sizes = {k: folder_bytes(os.path.join(p, "variables")) for k, p in paths.items()}
   print(f"variables: sparse {sizes['portable'] / 1e3:.1f} kB, dense "
         f"{sizes['dense'] / 1e3:.1f} kB ({sizes['portable'] / sizes['dense']:.3f} x)")

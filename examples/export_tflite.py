@@ -110,7 +110,7 @@ def main():
   step_us = invoke_latency_us(files["step"], 2000)
   dense_files = tfbs.export.export_tflite(
       dense, os.path.join(out_dir, "dense"), sequence_length=STEPS,
-      sparsity=False)
+      sparsity=False, block_sparse=False)
   dense_step_us = invoke_latency_us(dense_files["step"], 2000)
   stock_us = invoke_latency_us(stock, 100, x) / STEPS
   sequence_us = invoke_latency_us(files["sequence"], 100, x) / STEPS

@@ -103,6 +103,19 @@ def to_block_sparse(model, min_sparsity=0.5, block_size=None):
   return new_model
 
 
+def convert_with_report(model, min_sparsity):
+  """`(model, names of the converted layers)`: `to_block_sparse` for the
+  exports, which keep a model with nothing to convert (names empty) instead
+  of raising. TypeError for a model that cannot be rebuilt."""
+  if not (isinstance(model, tf_keras.Sequential)
+          or getattr(model, "_is_graph_network", False)):
+    raise TypeError(f"model {model.name} is a subclassed Model, which cannot "
+                    "be rebuilt layer by layer")
+  converter = _Converter(float(min_sparsity), None)
+  new_model = converter.convert(model)
+  return (new_model if converter.converted else model), list(converter.converted)
+
+
 def detect_block_size(weights, candidates=CANDIDATE_BLOCK_SIZES):
   """Largest candidate block shape holding the zeros of all `weights`.
 

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -114,13 +115,42 @@ def test_sparse_variables_are_at_most_a_fifth_of_the_dense_export(tmp_path):
   sparse, dense = _models.block_sparse_model(
       "lstm", features=64, units=128, outputs=32, sparsity=0.9)
   tfbs.export.export_saved_model(sparse, str(tmp_path / "sparse"))
-  tfbs.export.export_saved_model(dense, str(tmp_path / "dense"))
+  tfbs.export.export_saved_model(dense, str(tmp_path / "dense"),
+                                 block_sparse=False)
   sparse_bytes = _dir_bytes(str(tmp_path / "sparse" / "variables"))
   dense_bytes = _dir_bytes(str(tmp_path / "dense" / "variables"))
   # The dense export holds every float of the model.
   n_floats = sum(int(np.prod(w.shape)) for w in dense.weights)
   assert dense_bytes >= 4 * n_floats
   assert sparse_bytes <= 0.2 * dense_bytes, (sparse_bytes, dense_bytes)
+  # The same pruned (stripped) tf_keras model exported as it is: the export
+  # converts it, stores it as small as the converted model's, and computes
+  # what it computes.
+  written = tfbs.export.export_saved_model(dense, str(tmp_path / "auto"))
+  assert written.conversion == {"converted": ["rnn", "logits"], "note": None}
+  auto_bytes = _dir_bytes(str(tmp_path / "auto" / "variables"))
+  assert auto_bytes <= 1.05 * sparse_bytes, (auto_bytes, sparse_bytes)
+  x = np.random.RandomState(2).randn(2, 5, 64).astype(np.float32)
+  served = tf.saved_model.load(str(tmp_path / "auto")).signatures[
+      "serving_default"](frames=tf.constant(x))["logits"]
+  np.testing.assert_allclose(served, dense(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_with_nothing_block_sparse_exports_dense_with_a_note(tmp_path):
+  model = tf_keras.Sequential([tf_keras.Input((None, 4), name="frames"),
+                               tf_keras.layers.LSTM(4, name="rnn")])
+  with pytest.warns(UserWarning, match="no weight has block-structured zeros"):
+    written = tfbs.export.export_saved_model(model, str(tmp_path / "a"))
+  assert written.conversion["converted"] == []
+  assert "exported dense" in written.conversion["note"]
+  # On purpose: no warning.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    written = tfbs.export.export_saved_model(model, str(tmp_path / "b"),
+                                             block_sparse=False)
+  assert written.conversion["converted"] == []
+  with pytest.raises(ValueError, match="block_sparse must be 'auto' or False"):
+    tfbs.export.export_saved_model(model, str(tmp_path / "c"), block_sparse=True)
 
 
 def test_existing_path_is_not_overwritten_silently(tmp_path, lstm_models):

@@ -91,6 +91,25 @@ def test_report_lists_sparse_weights_and_sparse_kernels(tmp_path):
   assert "UNIDIRECTIONAL_SEQUENCE_LSTM" not in report["ops"]
 
 
+def test_a_stripped_pruned_model_is_converted_by_the_export(tmp_path):
+  # The pruned tf_keras model itself (zeros in place, not converted): the
+  # export converts it and writes what the converted model writes.
+  sparse, dense = _models.block_sparse_model(
+      "lstm", features=16, units=16, block_size=(4, 1), sparsity=0.9)
+  files = tfbs.export.export_tflite(dense, str(tmp_path / "auto"),
+                                    sequence_length=3)
+  assert files["conversion"] == {"converted": ["rnn", "logits"], "note": None}
+  ref = tfbs.export.export_tflite(sparse, str(tmp_path / "ref"),
+                                  sequence_length=3)
+  assert ref["conversion"] == {"converted": [], "note": None}
+  assert files["report"]["sparse_tensors"] == ref["report"]["sparse_tensors"]
+  assert len(files["report"]["sparse_fully_connected"]) == 3
+  assert os.path.getsize(files["step"]) == os.path.getsize(ref["step"])
+  x = np.random.RandomState(3).randn(1, 3, 16).astype(np.float32)
+  np.testing.assert_allclose(_run_sequence(files["sequence"], x),
+                             dense(x).numpy(), atol=1e-4, rtol=0)
+
+
 def test_report_shows_densify_for_blocks_the_sparse_kernel_lacks(tmp_path):
   # (1, 4) Keras blocks are 4x1 in TFLite's layout: no float sparse kernel,
   # so the weights are stored sparse and expanded by DENSIFY.

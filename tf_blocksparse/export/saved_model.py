@@ -42,6 +42,7 @@ import warnings
 import tensorflow as tf
 
 from tf_blocksparse.export import signatures
+from tf_blocksparse.export import sparse_form
 from tf_blocksparse.ops import _loader
 
 MODES = ("portable", "custom_op")
@@ -58,7 +59,8 @@ def custom_op_library_path():
 
 
 def export_saved_model(model, path, mode="portable", overwrite=False,
-                       step_signature="auto"):
+                       step_signature="auto", block_sparse="auto",
+                       min_sparsity=0.5):
   """Writes `model` as a SavedModel with named signatures.
 
   Args:
@@ -72,12 +74,20 @@ def export_saved_model(model, path, mode="portable", overwrite=False,
     step_signature: `"auto"` adds the streaming `step` signature when the
       model is streamable, True requires it (ValueError naming the
       unsupported layer otherwise), False leaves it out.
+    block_sparse: `"auto"` converts pruned weights (a wrapped or stripped
+      model's, at least `min_sparsity` zeros in whole blocks) to block-sparse
+      layers before exporting, as `to_block_sparse` does, so they are stored
+      and run block sparse; a model with nothing block sparse is exported
+      dense with a warning. False exports the model as given.
+    min_sparsity: see `block_sparse`.
 
   Returns:
     The list of signature names written (an `ExportedSignatures`, a list
     whose `skipped` dict gives, for a signature left out, the reason: with
     `step_signature="auto"` a model that cannot stream gets no `step`, and
-    `skipped["step"]` says which layer prevents it; a warning says so too).
+    `skipped["step"]` says which layer prevents it; a warning says so too;
+    and whose `conversion` is `{"converted": layers converted by the
+    export, "note": why the model was exported as given, or None}`).
 
   Example:
 
@@ -96,6 +106,8 @@ def export_saved_model(model, path, mode="portable", overwrite=False,
   if step_signature not in ("auto", True, False):
     raise ValueError("step_signature must be 'auto', True or False, got "
                      f"{step_signature!r}")
+  model, conversion_report = sparse_form.block_sparse_form(
+      model, block_sparse, min_sparsity, caller="export_saved_model")
   path = os.fspath(path)
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f"{path} already exists; pass overwrite=True to "
@@ -119,8 +131,9 @@ def export_saved_model(model, path, mode="portable", overwrite=False,
         if step_signature is True:
           raise
         skipped["step"] = str(e)
-        warnings.warn(f"export_saved_model: no 'step' signature for model "
-                      f"{model.name}: {e}", stacklevel=2)
+        if signatures.has_recurrent_layer(model):
+          warnings.warn(f"export_saved_model: no 'step' signature for "
+                        f"model {model.name}: {e}", stacklevel=2)
     if specs is not None:
       functions["step"] = signatures.step_function(model).get_concrete_function(
           **specs)
@@ -147,15 +160,17 @@ def export_saved_model(model, path, mode="portable", overwrite=False,
   finally:
     if os.path.exists(staging):
       shutil.rmtree(staging, ignore_errors=True)
-  return ExportedSignatures(functions, skipped)
+  return ExportedSignatures(functions, skipped, conversion_report)
 
 
 class ExportedSignatures(list):
-  """The signature names an export wrote; `skipped`: {name: why not}."""
+  """The signature names an export wrote; `skipped`: {name: why not};
+  `conversion`: what the export converted to block-sparse form."""
 
-  def __init__(self, names, skipped=None):
+  def __init__(self, names, skipped=None, conversion=None):
     super().__init__(names)
     self.skipped = dict(skipped or {})
+    self.conversion = dict(conversion or {"converted": [], "note": None})
 
 
 def load_saved_model(path):

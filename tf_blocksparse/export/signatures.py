@@ -74,6 +74,12 @@ def _num_states(layer):
   return len(tf.nest.flatten(layer.cell.state_size))
 
 
+def has_recurrent_layer(model):
+  """Whether `model` holds a recurrent layer (one that could stream)."""
+  return any(isinstance(m, (tf_keras.layers.RNN, _BlockSparseRNN))
+             for m in model.submodules)
+
+
 def step_plan(model):
   """The layers of a streamable model, or a ValueError naming the culprit.
 

@@ -25,6 +25,7 @@ import tensorflow as tf
 import tf_keras
 
 from tf_blocksparse.export import signatures
+from tf_blocksparse.export import sparse_form
 from tf_blocksparse.layers.block_sparse_dense import BlockSparseDense
 from tf_blocksparse.layers.block_sparse_rnn import BlockSparseGRU
 from tf_blocksparse.layers.block_sparse_rnn import BlockSparseLSTM
@@ -244,7 +245,7 @@ def sequence_function(model, sequence_length):
 
 
 def export_tflite(model, path, sequence_length=50, overwrite=False,
-                  sparsity=True):
+                  sparsity=True, block_sparse="auto", min_sparsity=0.5):
   """Writes the streaming step model and an unrolled sequence model.
 
   Args:
@@ -257,6 +258,11 @@ def export_tflite(model, path, sequence_length=50, overwrite=False,
     overwrite: replace existing files; otherwise an existing file is an error.
     sparsity: convert with `EXPERIMENTAL_SPARSITY` (False: dense storage,
       for comparisons).
+    block_sparse: `"auto"` converts pruned weights (a wrapped or stripped
+      model's, at least `min_sparsity` zeros in whole blocks) to block-sparse
+      layers before writing, as `to_block_sparse` does, and warns when the
+      model has nothing block sparse; False writes the model as given.
+    min_sparsity: see `block_sparse`.
 
   Returns:
     `{"step": step file, "sequence": sequence file, "report": sparsity
@@ -267,6 +273,8 @@ def export_tflite(model, path, sequence_length=50, overwrite=False,
     start of a sequence); it returns the output under the model's output
     name and the new states under the same state names. The sequence model
     maps `[1, sequence_length, features]` to the model's output.
+    `"conversion"`: `{"converted": layers converted by the export, "note":
+    why the model was written as given, or None}`.
 
   Example:
 
@@ -275,11 +283,14 @@ def export_tflite(model, path, sequence_length=50, overwrite=False,
   ...                              tf_keras.layers.LSTM(16),
   ...                              tf_keras.layers.Dense(4)])
   >>> files = tfbs.export.export_tflite(
-  ...     model, os.path.join(tempfile.mkdtemp(), "m"), sequence_length=5)
+  ...     model, os.path.join(tempfile.mkdtemp(), "m"), sequence_length=5,
+  ...     block_sparse=False)
   >>> sorted(files)
-  ['report', 'sequence', 'step']
+  ['conversion', 'report', 'sequence', 'step']
   """
   signatures.check_model(model)
+  model, conversion_report = sparse_form.block_sparse_form(
+      model, block_sparse, min_sparsity, caller="export_tflite")
   signatures.step_specs(model)   # names are unique (else a ValueError)
   if isinstance(sequence_length, bool) or not isinstance(
       sequence_length, (int, np.integer)) or sequence_length <= 0:
@@ -307,6 +318,7 @@ def export_tflite(model, path, sequence_length=50, overwrite=False,
       f.write(content)
   result = dict(files)
   result["report"] = sparsity_report(contents["step"])
+  result["conversion"] = conversion_report
   return result
 
 
