@@ -136,6 +136,33 @@ def test_sparse_variables_are_at_most_a_fifth_of_the_dense_export(tmp_path):
   np.testing.assert_allclose(served, dense(x), rtol=1e-4, atol=1e-5)
 
 
+def test_a_still_wrapped_pruned_model_exports_its_masked_weights_sparse(tmp_path):
+  model = tf_keras.Sequential([tf_keras.Input((None, 8), name="frames"),
+                               tf_keras.layers.LSTM(16, return_sequences=True,
+                                                    name="rnn"),
+                               tf_keras.layers.Dense(4, name="logits")])
+  pruned = tfbs.prune_block_low_magnitude(model, block_size=(4, 4))
+  rng = np.random.default_rng(1)
+  stripped = tf_keras.Sequential([tf_keras.Input((None, 8)),
+                                  tf_keras.layers.LSTM(16, return_sequences=True),
+                                  tf_keras.layers.Dense(4)])
+  for layer, wrapped in zip(stripped.layers, pruned.layers):
+    masked = {}
+    for weight, mask, *_ in wrapped.pruning_vars:
+      k, n = mask.shape
+      keep = rng.random([k // 4, n // 4]) > 0.8
+      mask.assign(np.kron(keep, np.ones([4, 4])).astype(mask.dtype.as_numpy_dtype))
+      masked[id(weight)] = weight.numpy() * mask.numpy()
+    layer.set_weights([masked.get(id(w), w.numpy()) for w in wrapped.layer.weights])
+  written = tfbs.export.export_saved_model(pruned, str(tmp_path / "w"))
+  assert written.conversion["converted"], written.conversion
+  x = np.random.RandomState(3).randn(2, 4, 8).astype(np.float32)
+  served = tf.saved_model.load(str(tmp_path / "w")).signatures[
+      "serving_default"](frames=tf.constant(x))
+  np.testing.assert_allclose(list(served.values())[0], stripped(x),
+                             rtol=1e-4, atol=1e-5)
+
+
 def test_a_model_with_nothing_block_sparse_exports_dense_with_a_note(tmp_path):
   model = tf_keras.Sequential([tf_keras.Input((None, 4), name="frames"),
                                tf_keras.layers.LSTM(4, name="rnn")])
