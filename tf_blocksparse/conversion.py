@@ -76,6 +76,27 @@ def to_block_sparse(model, min_sparsity=0.5, block_size=None):
   >>> np.allclose(sparse(x), model(x), rtol=1e-5, atol=1e-6)
   True
   """
+  converter, new_model = _convert(model, min_sparsity, block_size)
+  if not converter.converted:
+    raise ValueError(
+        f"no layer of model {model.name} is eligible for block-sparse form "
+        f"(min_sparsity={min_sparsity}): " + "; ".join(converter.reasons
+                                                       or ["no Dense/SimpleRNN/GRU/LSTM layer"]))
+  return new_model
+
+
+def convert_with_report(model, min_sparsity=0.5, block_size=None):
+  """`(model, names of the converted layers)`: `to_block_sparse` for the
+  exports, which keep a model with nothing to convert (`model` itself, no
+  names) instead of raising. TypeError for a model that cannot be rebuilt."""
+  converter, new_model = _convert(model, min_sparsity, block_size)
+  if not converter.converted:
+    return model, []
+  return new_model, list(converter.converted)
+
+
+def _convert(model, min_sparsity, block_size):
+  """Checks the arguments; `(the converter, the rebuilt model)`."""
   if not isinstance(model, tf_keras.Model):
     raise TypeError("to_block_sparse takes a tf_keras Model (functional or "
                     f"Sequential), got {type(model).__module__}."
@@ -94,26 +115,7 @@ def to_block_sparse(model, min_sparsity=0.5, block_size=None):
   if block_size is not None:
     block_size = _bsr_weights.block_size_pair(block_size)
   converter = _Converter(float(min_sparsity), block_size)
-  new_model = converter.convert(model)
-  if not converter.converted:
-    raise ValueError(
-        f"no layer of model {model.name} is eligible for block-sparse form "
-        f"(min_sparsity={min_sparsity}): " + "; ".join(converter.reasons
-                                                       or ["no Dense/SimpleRNN/GRU/LSTM layer"]))
-  return new_model
-
-
-def convert_with_report(model, min_sparsity):
-  """`(model, names of the converted layers)`: `to_block_sparse` for the
-  exports, which keep a model with nothing to convert (names empty) instead
-  of raising. TypeError for a model that cannot be rebuilt."""
-  if not (isinstance(model, tf_keras.Sequential)
-          or getattr(model, "_is_graph_network", False)):
-    raise TypeError(f"model {model.name} is a subclassed Model, which cannot "
-                    "be rebuilt layer by layer")
-  converter = _Converter(float(min_sparsity), None)
-  new_model = converter.convert(model)
-  return (new_model if converter.converted else model), list(converter.converted)
+  return converter, converter.convert(model)
 
 
 def detect_block_size(weights, candidates=CANDIDATE_BLOCK_SIZES):

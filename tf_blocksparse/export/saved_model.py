@@ -106,8 +106,6 @@ def export_saved_model(model, path, mode="portable", overwrite=False,
   if step_signature not in ("auto", True, False):
     raise ValueError("step_signature must be 'auto', True or False, got "
                      f"{step_signature!r}")
-  model, conversion_report = sparse_form.block_sparse_form(
-      model, block_sparse, min_sparsity, caller="export_saved_model")
   path = os.fspath(path)
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f"{path} already exists; pass overwrite=True to "
@@ -116,6 +114,9 @@ def export_saved_model(model, path, mode="portable", overwrite=False,
     raise RuntimeError("mode='custom_op' needs the compiled ops, which are "
                        f"not loaded ({_loader.load_error()}); use "
                        "mode='portable'")
+  # After the cheap checks: the conversion rebuilds the model.
+  model, conversion_report = sparse_form.block_sparse_form(
+      model, block_sparse, min_sparsity, caller="export_saved_model")
 
   with _loader.use_custom_ops(mode == "custom_op"):
     functions = {"serving_default": signatures.serving_function(model)

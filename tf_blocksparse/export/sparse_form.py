@@ -34,11 +34,8 @@ def block_sparse_form(model, block_sparse="auto", min_sparsity=0.5,
     raise ValueError(f"block_sparse must be 'auto' or False, got {block_sparse!r}")
   if block_sparse is False:
     return model, {"converted": [], "note": "block_sparse=False: exported as given"}
-  if isinstance(min_sparsity, bool) or not isinstance(
-      min_sparsity, (int, float)) or not 0 <= min_sparsity <= 1:
-    raise ValueError(f"min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
-  try:
-    converted, names = conversion.convert_with_report(model, float(min_sparsity))
+  try:  # min_sparsity is checked there, with to_block_sparse's message
+    converted, names = conversion.convert_with_report(model, min_sparsity)
   except TypeError as e:  # a subclassed model cannot be rebuilt
     note = f"not converted: {e}"
   else:

@@ -289,9 +289,6 @@ def export_tflite(model, path, sequence_length=50, overwrite=False,
   ['conversion', 'report', 'sequence', 'step']
   """
   signatures.check_model(model)
-  model, conversion_report = sparse_form.block_sparse_form(
-      model, block_sparse, min_sparsity, caller="export_tflite")
-  signatures.step_specs(model)   # names are unique (else a ValueError)
   if isinstance(sequence_length, bool) or not isinstance(
       sequence_length, (int, np.integer)) or sequence_length <= 0:
     raise ValueError(f"sequence_length must be a positive int, got "
@@ -308,6 +305,10 @@ def export_tflite(model, path, sequence_length=50, overwrite=False,
     if os.path.exists(f) and not overwrite:
       raise FileExistsError(f"{f} already exists; pass overwrite=True to "
                             "replace it or choose another path")
+  # After the cheap checks: the conversion rebuilds the model.
+  model, conversion_report = sparse_form.block_sparse_form(
+      model, block_sparse, min_sparsity, caller="export_tflite")
+  signatures.step_specs(model)   # names are unique (else a ValueError)
   contents = {
       "step": _convert(step_function(model), "step", sparsity),
       "sequence": _convert(sequence_function(model, int(sequence_length)),
