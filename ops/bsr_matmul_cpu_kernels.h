@@ -90,6 +90,8 @@ struct ProductPlan {
                          // lanes: its vector width
   bool panels = false;  // PanelProduct, else RowProduct
   int64_t lanes = 1;    // panel height (rows per vector) when panels
+  int64_t tile_panels = 1;  // panels per register tile: work units of a
+                            // multiple of it leave no odd tail
   bool pack_rows = false;  // RowProduct: pack the operand by block columns
 };
 

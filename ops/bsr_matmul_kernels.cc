@@ -100,8 +100,11 @@ template <typename T>
     });
     args.in = dst;
     const int64_t panel_bytes = cols * lanes * static_cast<int64_t>(sizeof(T));
-    const int64_t per_unit = std::max<int64_t>(
+    int64_t per_unit = std::max<int64_t>(
         1, std::min(kMaxPanelsPerUnit, kPanelChunkBytes / panel_bytes));
+    // Whole register tiles per unit where the budget allows one: 4 panels
+    // with 3-panel tiles would leave a tail tile in every unit.
+    if (per_unit >= plan.tile_panels) per_unit -= per_unit % plan.tile_panels;
     const int64_t chunks = (nq + per_unit - 1) / per_unit;
     const int64_t rows = std::min(nq, per_unit) * lanes;
     const int64_t cost =
