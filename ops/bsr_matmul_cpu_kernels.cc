@@ -673,6 +673,15 @@ inline void PanelTile(const GroupedProductArgs<T>& a, int64_t g, int64_t o0,
       std::memcpy(buf + (v * L + o) * L, &acc[o][v], sizeof(V));
 }
 
+// Output columns of the next tile chunk, `width` columns of a segment
+// left (width <= the segment's L): 8, then 4, then the rest, so the block
+// widths users prune to (1, 4, 8, 16, 32) need no odd chunk. With 16
+// registers a chunk of 8 leaves one panel per tile (9 loads per 8 FMAs);
+// 4 columns take 3 panels (7 loads per 12). Plan() sizes work units by it.
+constexpr int64_t ChunkCols(int64_t width, int64_t lanes) {
+  return (TFBS_VEC_REGS == 32 && lanes >= 8 && width >= 8) ? 8 : (width >= 4 ? 4 : width);
+}
+
 // Panels per tile for OC output columns: as many accumulators as fit.
 constexpr int PanelsFor(int oc) {
   const int nv = kAccRegs / oc;
@@ -771,25 +780,22 @@ void PanelGroups(const GroupedProductArgs<T>& a, int64_t g_begin,
     const int64_t qe = Min(q_end, qs + kSegPanels);
     for (int64_t g = g_begin; g < g_end; ++g) {
       // Segments of L output columns (one transposed square per panel),
-      // each in chunks of 8, then 4, then the rest: the block widths users
-      // prune to (1, 4, 8, 16, 32) need no odd chunk at all.
+      // each in chunks of ChunkCols columns.
       for (int64_t s0 = 0; s0 < bo; s0 += L) {
         const int64_t s1 = Min(bo, s0 + L);
-        int64_t o0 = s0;
-        // With 16 registers a chunk of 8 leaves one panel per tile (9 loads
-        // per 8 FMAs); 4 columns take 3 panels (7 loads per 12).
-        if constexpr (TFBS_VEC_REGS == 32 && L >= 8) {
-          for (; o0 + 8 <= s1; o0 += 8)
-            PanelColumns<T, V, 8, kUnitCol, BI>(a, g, o0, qs, qe, seg + (o0 - s0) * L);
-        }
-        for (; o0 + 4 <= s1; o0 += 4)
-          PanelColumns<T, V, 4, kUnitCol, BI>(a, g, o0, qs, qe, seg + (o0 - s0) * L);
-        T* rest = seg + (o0 - s0) * L;
-        switch (s1 - o0) {
-          case 3: PanelColumns<T, V, 3, kUnitCol, BI>(a, g, o0, qs, qe, rest); break;
-          case 2: PanelColumns<T, V, 2, kUnitCol, BI>(a, g, o0, qs, qe, rest); break;
-          case 1: PanelColumns<T, V, 1, kUnitCol, BI>(a, g, o0, qs, qe, rest); break;
-          default: break;
+        for (int64_t o0 = s0; o0 < s1;) {
+          const int64_t oc = ChunkCols(s1 - o0, L);
+          T* chunk = seg + (o0 - s0) * L;
+          switch (oc) {
+            case 8:
+              if constexpr (L >= 8) PanelColumns<T, V, 8, kUnitCol, BI>(a, g, o0, qs, qe, chunk);
+              break;
+            case 4: PanelColumns<T, V, 4, kUnitCol, BI>(a, g, o0, qs, qe, chunk); break;
+            case 3: PanelColumns<T, V, 3, kUnitCol, BI>(a, g, o0, qs, qe, chunk); break;
+            case 2: PanelColumns<T, V, 2, kUnitCol, BI>(a, g, o0, qs, qe, chunk); break;
+            default: PanelColumns<T, V, 1, kUnitCol, BI>(a, g, o0, qs, qe, chunk); break;
+          }
+          o0 += oc;
         }
         FlushSegment<T, V>(a, g, s0, s1 - s0, qs, qe, seg);
       }
@@ -834,9 +840,7 @@ ProductPlan Plan(int64_t m, int64_t bi, int64_t bo, bool transposed) {
   const bool panels_pay = TFBS_VEC_REGS == 32 || !wide_block;
   plan.panels = !plan.scatter && !plan.gather && panels_pay && m >= min_rows;
   plan.lanes = kLanes;
-  // PanelGroups' first column chunk for this block width.
-  const int64_t chunk = Min(kLanes, (TFBS_VEC_REGS == 32 && kLanes >= 8 && bo >= 8) ? 8 : Min(bo, 4));
-  plan.tile_panels = PanelsFor(static_cast<int>(chunk));
+  plan.tile_panels = PanelsFor(static_cast<int>(ChunkCols(Min(bo, kLanes), kLanes)));
   plan.pack_rows = !plan.panels && m >= 32;
   return plan;
 }
@@ -845,52 +849,34 @@ ProductPlan Plan(int64_t m, int64_t bi, int64_t bo, bool transposed) {
 // loaded a row per vector, transposed in registers and stored as L
 // contiguous column vectors; rows past m and columns past cols read zero.
 template <typename T>
-void PackPanels(const T* in, int64_t m, int64_t cols, int64_t lanes, T* out,
+void PackPanels(const T* in, int64_t m, int64_t cols, T* out,
                 int64_t q_begin, int64_t q_end) {
   typedef typename Vec<T, kVecBytes>::type V;
   constexpr int64_t L = sizeof(V) / sizeof(T);
-  if (lanes == L && L >= 4) {
-    for (int64_t q = q_begin; q < q_end; ++q) {
-      T* dst = out + q * cols * L;
-      const int64_t r0 = q * L;
-      const int64_t rows = Min(L, m - r0);
-      const T* src = in + r0 * cols;
-      for (int64_t c0 = 0; c0 < cols; c0 += L) {
-        const int64_t w = Min(L, cols - c0);
-        V t[L];
-        if (rows == L && w == L) {
-#pragma GCC unroll 16
-          for (int l = 0; l < L; ++l) t[l] = LoadVec<V>(src + l * cols + c0);
-        } else {  // an edge square: element by element, zero outside
-          T e[L][L] = {};
-          for (int64_t l = 0; l < rows; ++l)
-            for (int64_t j = 0; j < w; ++j) e[l][j] = src[l * cols + c0 + j];
-          for (int l = 0; l < L; ++l) t[l] = LoadVec<V>(e[l]);
-        }
-        TransposeSquare<T, V>(t);
-        if (w == L) {
-#pragma GCC unroll 16
-          for (int j = 0; j < L; ++j) std::memcpy(dst + (c0 + j) * L, &t[j], sizeof(V));
-        } else {
-          for (int64_t j = 0; j < w; ++j) std::memcpy(dst + (c0 + j) * L, &t[j], sizeof(V));
-        }
-      }
-    }
-    return;
-  }
-  constexpr int64_t kChunk = 64;  // columns per pass: the lanes' rows stay in L1
   for (int64_t q = q_begin; q < q_end; ++q) {
-    T* dst = out + q * cols * lanes;
-    const int64_t r0 = q * lanes;
-    const int64_t rows = Min(lanes, m - r0);
-    for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {
-      const int64_t c1 = Min(cols, c0 + kChunk);
-      for (int64_t l = 0; l < rows; ++l) {
-        const T* src = in + (r0 + l) * cols;
-        for (int64_t c = c0; c < c1; ++c) dst[c * lanes + l] = src[c];
+    T* dst = out + q * cols * L;
+    const int64_t r0 = q * L;
+    const int64_t rows = Min(L, m - r0);
+    const T* src = in + r0 * cols;
+    for (int64_t c0 = 0; c0 < cols; c0 += L) {
+      const int64_t w = Min(L, cols - c0);
+      V t[L];
+      if (rows == L && w == L) {
+#pragma GCC unroll 16
+        for (int l = 0; l < L; ++l) t[l] = LoadVec<V>(src + l * cols + c0);
+      } else {  // an edge square: element by element, zero outside
+        T e[L][L] = {};
+        for (int64_t l = 0; l < rows; ++l)
+          for (int64_t j = 0; j < w; ++j) e[l][j] = src[l * cols + c0 + j];
+        for (int l = 0; l < L; ++l) t[l] = LoadVec<V>(e[l]);
       }
-      for (int64_t l = rows; l < lanes; ++l)
-        for (int64_t c = c0; c < c1; ++c) dst[c * lanes + l] = T(0);
+      TransposeSquare<T, V>(t);
+      if (w == L) {
+#pragma GCC unroll 16
+        for (int j = 0; j < L; ++j) std::memcpy(dst + (c0 + j) * L, &t[j], sizeof(V));
+      } else {
+        for (int64_t j = 0; j < w; ++j) std::memcpy(dst + (c0 + j) * L, &t[j], sizeof(V));
+      }
     }
   }
 }
@@ -1025,7 +1011,8 @@ void ValuesGradRun(const ValuesGradArgs<T>& a, int64_t p) {
     dyc[j] = a.dy + static_cast<int64_t>(a.col_indices[p + j]) * BW;
     dv[j] = a.dvalues + (p + j) * (BH * BW);
   }
-  for (int64_t m0 = 0; m0 < a.m; m0 += kGradRowChunk) {
+  // At least one chunk: with no dense rows the blocks get their zeros.
+  for (int64_t m0 = 0; m0 == 0 || m0 < a.m; m0 += kGradRowChunk) {
     const int64_t m1 = Min(a.m, m0 + kGradRowChunk);
     for (int i0 = 0; i0 < BH; i0 += kRows) {
       V acc[kRows][NB][kNV];
@@ -1073,10 +1060,6 @@ void ValuesGradRuns(const ValuesGradArgs<T>& a, int64_t pb, int64_t pe) {
   int64_t p = pb;
   while (p < pe) {
     int64_t nb = 0;
-    if (a.m == 0) {  // all zeros: the runs would write nothing
-      ValuesGradBlock<T, BH, BW>(a, p++);
-      continue;
-    }
     while (nb < kNB && p + nb < pe && a.block_row[p + nb] == a.block_row[p] &&
            inner(p + nb))
       ++nb;

@@ -110,10 +110,10 @@ struct CpuKernels {
   // padding the last block (contiguous rows within each input block).
   void (*pack_block_columns)(const T* in, int64_t m, int64_t cols, int64_t bi,
                              T* out, int64_t b_begin, int64_t b_end);
-  // Packs row-major in [m, cols] into panels [ceil(m / lanes), cols, lanes],
-  // rows past m zero.
-  void (*pack_panels)(const T* in, int64_t m, int64_t cols, int64_t lanes,
-                      T* out, int64_t b_begin, int64_t b_end);
+  // Packs row-major in [m, cols] into panels [ceil(m / lanes), cols, lanes]
+  // of this ISA's vector width (ProductPlan::lanes), rows past m zero.
+  void (*pack_panels)(const T* in, int64_t m, int64_t cols, T* out,
+                      int64_t b_begin, int64_t b_end);
   void (*transpose_blocks)(const T* blocks, int64_t bh, int64_t bw, T* out,
                            int64_t p_begin, int64_t p_end);
   void (*values_grad)(const ValuesGradArgs<T>& args, int64_t p_begin,

@@ -96,7 +96,7 @@ template <typename T>
     const T* src = args.in;
     const int64_t cols = args.in_cols;
     pool->ParallelFor(nq, cols * lanes * 2, [&](int64_t begin, int64_t end) {
-      k.pack_panels(src, m, cols, lanes, dst, begin, end);
+      k.pack_panels(src, m, cols, dst, begin, end);
     });
     args.in = dst;
     const int64_t panel_bytes = cols * lanes * static_cast<int64_t>(sizeof(T));

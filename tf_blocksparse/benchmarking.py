@@ -144,7 +144,14 @@ def cpu_info(path="/proc/cpuinfo"):
   except OSError:
     pass
   flags = set(fields.get("flags", "").split())
+  # A hypervisor may report only "AMD EPYC": vendor, family, model and
+  # stepping still tell one generation from the next (Zen 4 is family 25,
+  # Zen 5 family 26).
   return {"cpu_model": fields.get("model name") or platform.processor() or platform.machine(),
+          "cpu_vendor": fields.get("vendor_id"),
+          "cpu_family": _int_or_none(fields.get("cpu family")),
+          "cpu_model_number": _int_or_none(fields.get("model")),
+          "cpu_stepping": _int_or_none(fields.get("stepping")),
           "cpu_flags": {f: f in flags for f in CPU_FLAGS},
           "cpu_cores_per_socket": _int_or_none(fields.get("cpu cores")),
           "cpus": os.cpu_count(),

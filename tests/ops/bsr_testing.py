@@ -6,6 +6,7 @@ import contextlib
 import re
 
 import numpy as np
+import tensorflow as tf
 
 import tf_blocksparse as tfbs
 
@@ -42,6 +43,20 @@ def random_block_sparse(rng, k, n, block, density=0.4, dtype=np.float32):
   expand = np.kron(mask, np.ones([bh, bw]))[:k, :n]
   dense = rng.standard_normal([k, n]) * expand
   return dense.astype(dtype), mask
+
+
+def check_product_and_transposed(path, w, dense, x, dy, tol, what=""):
+  """x @ W and its input gradient dy @ W^T on `path`, against float64 numpy."""
+  with path_scope(path):
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+      tape.watch(xt)
+      y = tfbs.ops.bsr_matmul(xt, w)
+    dx = tape.gradient(y, xt, output_gradients=tf.constant(dy))
+  np.testing.assert_allclose(y.numpy(), x.astype(np.float64) @ dense,
+                             rtol=tol, atol=tol, err_msg=what)
+  np.testing.assert_allclose(dx.numpy(), dy.astype(np.float64) @ dense.T,
+                             rtol=tol, atol=tol, err_msg=what)
 
 
 def numpy_bsr(dense, mask, block):

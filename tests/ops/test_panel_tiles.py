@@ -11,6 +11,7 @@ import tensorflow as tf
 
 import tf_blocksparse as tfbs
 from bsr_testing import PATHS
+from bsr_testing import check_product_and_transposed
 from bsr_testing import path_scope
 from bsr_testing import random_block_sparse
 
@@ -35,16 +36,7 @@ def test_every_panel_count(path, dtype, block):
   for rows in ROWS:
     x = rng.standard_normal([rows, k]).astype(dtype)
     dy = rng.standard_normal([rows, n]).astype(dtype)
-    with path_scope(path):
-      xt = tf.constant(x)
-      with tf.GradientTape() as tape:
-        tape.watch(xt)
-        y = tfbs.ops.bsr_matmul(xt, w)
-      dx = tape.gradient(y, xt, output_gradients=tf.constant(dy))
-    np.testing.assert_allclose(y.numpy(), x.astype(np.float64) @ dense,
-                               rtol=tol, atol=tol, err_msg=f"rows={rows}")
-    np.testing.assert_allclose(dx.numpy(), dy.astype(np.float64) @ dense.T,
-                               rtol=tol, atol=tol, err_msg=f"rows={rows}")
+    check_product_and_transposed(path, w, dense, x, dy, tol, f"rows={rows}")
 
 
 @pytest.mark.parametrize("path", CUSTOM)
