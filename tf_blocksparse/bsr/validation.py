@@ -49,19 +49,21 @@ def check(ok, message):
 def first_failure(conditions):
   """`check` of several `(ok, message)` pairs; the first failing one wins.
 
-  One branch for all of them, so that a valid call runs one cond.
+  One branch for all of them, so that a valid call runs one cond. Every
+  message is built in that branch and the first failing one picked, so a
+  message must be safe to build whatever the inputs (clamp its indices).
   """
   if not conditions:
     return None
   oks = [c for c, _ in conditions]
-  ok = oks[0] if len(oks) == 1 else tf.reduce_all(tf.stack(oks))
+  if len(oks) == 1:
+    return check(oks[0], conditions[0][1])
+  oks = tf.stack(oks)
 
   def message():
-    text = conditions[-1][1]()
-    for cond, make in reversed(conditions[:-1]):
-      text = tf.cond(cond, lambda t=text: t, make)
-    return text
-  return check(ok, message)
+    first = tf.argmin(tf.cast(oks, tf.int32), output_type=tf.int32)
+    return tf.gather(tf.stack([make() for _, make in conditions]), first)
+  return check(tf.reduce_all(oks), message)
 
 
 def shape_string(shape):
@@ -190,6 +192,13 @@ def check_numpy(nnzb, col_indices, row_ptr, shape, block_size):
                   f"{col_indices[p]}")
 
 
+def num_blocks(values):
+  """The number of stored blocks: static where known (no shape op traced
+  for it), else a tensor."""
+  nnzb = values.shape[0]
+  return nnzb if nnzb is not None else tf.shape(values)[0]
+
+
 def structure_assertions(nnzb, col_indices, row_ptr, shape, block_size):
   """Graph-mode version of `check_numpy`; returns the row id of each block.
 
@@ -197,12 +206,26 @@ def structure_assertions(nnzb, col_indices, row_ptr, shape, block_size):
   the row pointers, the column indices. The row ids are computed only after
   the row pointers were checked, so a malformed matrix fails with our
   message rather than inside `tf.repeat` (or asking it for 2^31 elements).
+
+  The dimensions are checked here, statically; the index checks are one
+  traced function shared by every call site (`_layout_checks`): a graph that
+  multiplies several matrices, or a SavedModel with several signatures,
+  holds one copy of them and a call node per site, not ~50 nodes each.
   """
-  k, n = shape
-  bh, bw = block_size
   check_dims(shape, block_size)
-  nbr, nbc = ceil_div(k, bh), ceil_div(n, bw)
-  nnzb = tf.cast(nnzb, tf.int64)
+  dims = tf.constant([*shape, *block_size], tf.int64)
+  return _layout_checks(tf.cast(nnzb, tf.int64), col_indices, row_ptr, dims)
+
+
+@tf.function(autograph=False, input_signature=[
+    tf.TensorSpec([], tf.int64), tf.TensorSpec([None], tf.int32),
+    tf.TensorSpec([None], tf.int32), tf.TensorSpec([4], tf.int64)])
+def _layout_checks(nnzb, col_indices, row_ptr, dims):
+  """The index checks of `structure_assertions`; `dims` = (K, N, bh, bw),
+  already bounded by `check_dims` (so the block grid below cannot wrap)."""
+  k, n, bh, bw = tf.unstack(dims)
+  nbr = (k + bh - 1) // bh
+  nbc = (n + bw - 1) // bw
   num_cols = tf.size(col_indices, out_type=tf.int64)
   num_ptr = tf.size(row_ptr, out_type=tf.int64)
   sizes = first_failure([
@@ -210,26 +233,32 @@ def structure_assertions(nnzb, col_indices, row_ptr, shape, block_size):
        lambda: fmt("col_indices has {} entries but values holds {} blocks",
                    num_cols, nnzb)),
       (tf.equal(num_ptr, nbr + 1),
-       lambda: fmt(f"row_ptr must have ceil({k} / {bh}) + 1 = {nbr + 1} "
-                   "entries, got {}", num_ptr)),
+       lambda: fmt("row_ptr must have ceil({} / {}) + 1 = {} entries, got {}",
+                   k, bh, nbr + 1, num_ptr)),
   ])
   with tf.control_dependencies([sizes]):
+    # From here row_ptr has nbr + 1 >= 1 entries.
     ptr = tf.cast(row_ptr, tf.int64)
     steps = ptr[1:] - ptr[:-1]
     decreasing = steps < 0
-    # First decreasing step (index nbr, never read, when there is none).
-    i = tf.argmax(tf.concat([decreasing, [True]], 0), output_type=tf.int64)
+    # First decreasing step, clamped (to a valid pair; with one entry, i = 0
+    # and i + 1 -> 0) so that its message is safe to build when another
+    # check fails.
+    i = tf.minimum(tf.argmax(tf.concat([decreasing, [True]], 0),
+                             output_type=tf.int64), tf.maximum(nbr - 1, 0))
+    first, last = ptr[0], ptr[-1]
     pointers = first_failure([
-        (tf.equal(ptr[0], 0), lambda: fmt("row_ptr[0] must be 0, got {}", ptr[0])),
+        (tf.equal(first, 0), lambda: fmt("row_ptr[0] must be 0, got {}", first)),
         (tf.logical_not(tf.reduce_any(decreasing)),
          lambda: fmt("row_ptr must be non-decreasing, but row_ptr[{}] = {} < "
-                     "row_ptr[{}] = {}", i + 1, ptr[i + 1], i, ptr[i])),
-        (tf.equal(ptr[-1], nnzb),
+                     "row_ptr[{}] = {}", i + 1,
+                     tf.gather(ptr, tf.minimum(i + 1, nbr)), i, ptr[i])),
+        (tf.equal(last, nnzb),
          lambda: fmt("row_ptr must end at the number of blocks {}, got {}",
-                     nnzb, ptr[-1])),
+                     nnzb, last)),
     ])
   with tf.control_dependencies([pointers]):
-    row_ids = tf.repeat(tf.range(nbr, dtype=tf.int32), steps)
+    row_ids = tf.repeat(tf.range(tf.cast(nbr, tf.int32), dtype=tf.int32), steps)
     cols = tf.cast(col_indices, tf.int64)
     bad_range = (cols < 0) | (cols >= nbc)
     bad_order = tf.concat(
@@ -240,8 +269,8 @@ def structure_assertions(nnzb, col_indices, row_ptr, shape, block_size):
 
     def column_message():
       q = tf.minimum(p, tf.maximum(num_cols - 1, 0))
-      range_text = fmt("col_indices[{}] = {} is out of range [0, " f"{nbc})",
-                       p, cols[q])
+      range_text = fmt("col_indices[{}] = {} is out of range [0, {})",
+                       p, cols[q], nbc)
       order_text = fmt("col_indices must be strictly increasing within a block "
                        "row, but block row {} has {} before {}",
                        row_ids[q], cols[tf.maximum(q - 1, 0)], cols[q])

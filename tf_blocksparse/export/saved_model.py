@@ -28,6 +28,14 @@ Two modes:
   `tensorflow_serving/model_servers/BUILD` and rebuild
   `tensorflow_model_server`.
 
+The graphs are small: the BSR structure is validated once per call, by one
+traced function every product shares, outside the recurrent loop (whose
+body holds only the products and the gate math), and the written
+`saved_model.pb` is compacted (`compaction`: short node names inside its
+functions, duplicate constants merged). For the char-LM LSTM(128) at 90 %
+4 x 4 block sparsity, logits layer pruned too, the whole directory is
+0.25x the dense export's (`benchmarks/savedmodel_size.py`).
+
 Signatures: `serving_default` (the model's inputs and outputs by their Keras
 names) and, for streamable recurrent models, `step` (one frame and the
 states in, the output and the new states out; see `signatures.step_plan`).
@@ -41,6 +49,7 @@ import warnings
 
 import tensorflow as tf
 
+from tf_blocksparse.export import compaction
 from tf_blocksparse.export import signatures
 from tf_blocksparse.export import sparse_form
 from tf_blocksparse.ops import _loader
@@ -152,6 +161,7 @@ def export_saved_model(model, path, mode="portable", overwrite=False,
   staging = tempfile.mkdtemp(prefix=".tfbs_export_", dir=parent)
   try:
     tf.saved_model.save(root, staging, signatures=functions, options=options)
+    compaction.compact_saved_model(staging)
     if os.path.exists(path):
       if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)

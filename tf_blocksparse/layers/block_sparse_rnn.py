@@ -148,7 +148,11 @@ class _BlockSparseCell(tf_keras.layers.Layer):
     if inputs is not None:
       batch_size, dtype = tf.shape(inputs)[0], inputs.dtype
     sizes = tf.nest.flatten(self.state_size)
-    states = [tf.zeros([batch_size, s], dtype or self.dtype) for s in sizes]
+    # One zeros tensor for states of one size (h and c): the sequence op
+    # then knows they agree and traces no check of c against h.
+    zeros = {s: tf.zeros([batch_size, s], dtype or self.dtype)
+             for s in set(sizes)}
+    states = [zeros[s] for s in sizes]
     return states if len(states) > 1 else states[0]
 
   def get_config(self):

@@ -138,6 +138,13 @@ def _matmul_nd(x, matrix):
     rows = math.prod(batch.as_list())
     y2 = _matmul_2d(tf.reshape(x, [rows, k]), matrix)
     return tf.reshape(y2, batch.as_list() + [n])
+  if x.shape[-1] == k and k > 0:
+    # K checked while tracing: a [-1, K] view is exact (and traces to a few
+    # nodes, which matters in exported graphs).
+    y2 = _matmul_2d(tf.reshape(x, [-1, k]), matrix)
+    y = tf.reshape(y2, tf.concat([tf.shape(x)[:-1], [n]], axis=0))
+    y.set_shape(batch.concatenate([n]))
+    return y
   if x.shape.rank is None:
     rank = tf.rank(x)
     with tf.control_dependencies([validation.check(

@@ -43,6 +43,8 @@ only known at run time):
   the TF loop.
 """
 
+import functools
+
 import tensorflow as tf
 
 from tf_blocksparse.bsr import validation
@@ -121,12 +123,12 @@ def lstm_sequence(x_proj, h0, c0, recurrent, mask=None, activation="tanh",
     options = dict(mask=mask, go_backwards=go_backwards,
                    zero_output_for_mask=zero_output_for_mask)
 
-    def loop(values, x, h, c, probes=()):
+    def loop(values, x, h, c, probes=(), row_ids=None):
       matrix = recurrent.with_values(values)
       step = _lstm_step(matrix, _activation_fn(activation),
                         _activation_fn(recurrent_activation))
       return _loop(step, x, [h, c], probes=probes, recurrent=matrix,
-                   **options)
+                   row_ids=row_ids, **options)
 
     def fused(lib, values, x, h, c):
       return lib.tfbs_bsr_lstm_sequence(
@@ -194,12 +196,13 @@ def gru_sequence(x_proj, h0, recurrent, recurrent_bias=None, mask=None,
     options = dict(mask=mask, go_backwards=go_backwards,
                    zero_output_for_mask=zero_output_for_mask)
 
-    def loop(values, x, h, *bias, probes=()):
+    def loop(values, x, h, *bias, probes=(), row_ids=None):
       matrix = recurrent.with_values(values)
       step = _gru_step(matrix, bias[0] if bias else None,
                        _activation_fn(activation),
                        _activation_fn(recurrent_activation), reset_after)
-      return _loop(step, x, [h], probes=probes, recurrent=matrix, **options)
+      return _loop(step, x, [h], probes=probes, recurrent=matrix,
+                   row_ids=row_ids, **options)
 
     def fused(lib, values, x, h, *bias):
       return lib.tfbs_bsr_gru_sequence(
@@ -245,10 +248,11 @@ def simple_rnn_sequence(x_proj, h0, recurrent, mask=None, activation="tanh",
     options = dict(mask=mask, go_backwards=go_backwards,
                    zero_output_for_mask=zero_output_for_mask)
 
-    def loop(values, x, h, probes=()):
+    def loop(values, x, h, probes=(), row_ids=None):
       matrix = recurrent.with_values(values)
       step = _simple_step(matrix, _activation_fn(activation))
-      return _loop(step, x, [h], probes=probes, recurrent=matrix, **options)
+      return _loop(step, x, [h], probes=probes, recurrent=matrix,
+                   row_ids=row_ids, **options)
 
     def fused(lib, values, x, h):
       return lib.tfbs_bsr_simple_rnn_sequence(
@@ -335,57 +339,72 @@ def _runtime_checks(gates, recurrent, x_proj, states, mask, bias=None):
   The shapes only where a dimension is unknown while tracing (the static
   checks above cover the rest), with the op's messages and in its order: a
   TF loop would otherwise broadcast a state or mask of batch 1, or accept a
-  longer mask. Returns the control dependencies.
+  longer mask. Returns `(control dependencies, row ids)`: the row id of
+  each block, valid once the layout checks passed (for the loop's products,
+  which then need no checks of their own).
   """
   units, width = recurrent.shape
   # The loop only multiplies inside its steps: with no step (time or batch
   # 0) nothing would check the layout, which the op always checks.
   layout = lambda: validation.structure_assertions(
-      tf.shape(recurrent.values)[0], recurrent.col_indices, recurrent.row_ptr,
+      validation.num_blocks(recurrent.values), recurrent.col_indices, recurrent.row_ptr,
       recurrent.shape, recurrent.block_size)
   tensors = [x_proj, *states] + [t for t in (mask, bias) if t is not None]
   if all(t.shape.is_fully_defined() for t in tensors):
-    return [layout()]
+    row_ids = layout()
+    return [row_ids], row_ids
   xs = tf.shape(x_proj, out_type=tf.int64)
   h0 = tf.shape(states[0], out_type=tf.int64)
   fmt = validation.fmt
-  conditions = [
-      (tf.equal(h0[0], xs[0]),
-       lambda: fmt("initial state h0 has batch size {} but x_proj has {}",
-                   h0[0], xs[0])),
-      (tf.equal(xs[2], gates * h0[1]),
-       lambda: fmt("x_proj has {} columns but " f"{gates}" " gates of {} units "
-                   "need {}", xs[2], h0[1], gates * h0[1])),
-  ]
-  if len(states) > 1:
+  # A condition whose dimensions are all known while tracing held there:
+  # it is left out of the graph (every exported call would carry it).
+  static = lambda *ts: all(t.shape.is_fully_defined() for t in ts)
+  conditions = []
+  if states[0].shape[0] is None or x_proj.shape[0] is None:
+    conditions.append(
+        (tf.equal(h0[0], xs[0]),
+         lambda: fmt("initial state h0 has batch size {} but x_proj has {}",
+                     h0[0], xs[0])))
+  if states[0].shape[1] is None or x_proj.shape[2] is None:
+    conditions.append(
+        (tf.equal(xs[2], gates * h0[1]),
+         lambda: fmt("x_proj has {} columns but " f"{gates}" " gates of {} "
+                     "units need {}", xs[2], h0[1], gates * h0[1])))
+  if len(states) > 1 and states[1] is not states[0] and not (
+      static(*states[:2]) and states[0].shape == states[1].shape):
     c0 = tf.shape(states[1], out_type=tf.int64)
     conditions.append(
         (tf.reduce_all(tf.equal(c0, h0)),
          lambda: tf.strings.join([
              "initial state c0 must have the shape of h0 ",
              validation.shape_string(h0), ", got ", validation.shape_string(c0)])))
-  if mask is not None:
+  if mask is not None and not (static(mask) and x_proj.shape[:2].is_fully_defined()):
     ms = tf.shape(mask, out_type=tf.int64)
     conditions.append(
         (tf.reduce_all(tf.equal(ms, xs[:2])),
          lambda: tf.strings.join([
              fmt("mask must have shape [batch, time] = [{}, {}] or be empty, "
                  "got ", xs[0], xs[1]), validation.shape_string(ms)])))
-  if bias is not None:
+  if bias is not None and (bias.shape[0] is None or states[0].shape[1] is None):
     bs = tf.shape(bias, out_type=tf.int64)
     conditions.append(
         (tf.equal(bs[0], gates * h0[1]),
          lambda: tf.strings.join([
              fmt("recurrent_bias must have shape [{}] or be empty, got ",
                  gates * h0[1]), validation.shape_string(bs)])))
-  with tf.control_dependencies([validation.first_failure(conditions)]):
+  with tf.control_dependencies(
+      [c for c in [validation.first_failure(conditions)] if c is not None]):
     row_ids = layout()
+  if states[0].shape[1] is not None:   # == units, checked while tracing
+    return [row_ids], row_ids
   with tf.control_dependencies([row_ids]):
-    return [validation.check(
+    units_ok = validation.check(
         tf.equal(h0[1], units),
         lambda: fmt("the recurrent matrix must be [units, " f"{gates}"
                     " * units] = [{}, {}], got " f"[{units}, {width}]",
-                    h0[1], gates * h0[1]))]
+                    h0[1], gates * h0[1]))
+  with tf.control_dependencies([units_ok]):
+    return [units_ok], tf.identity(row_ids)
 
 
 def _fusable(dtype, activations):
@@ -420,16 +439,17 @@ def _sequence(loop, fused, recurrent, inputs, activations, products=1,
   `loop(values, *inputs, probes=())` is the differentiable recurrence (see
   `_loop`); `products` is the number of recurrent products in one step;
   `checks()` gives the run-time shape checks the loop needs (the op makes
-  its own). Returns `(outputs, *final_states)`.
+  its own) and the checked row ids the loop multiplies with. Returns
+  `(outputs, *final_states)`.
   """
   values = tf.convert_to_tensor(recurrent.values)
   fusable = _fusable(values.dtype, activations)
   lib = _loader.library() if fusable else None
   if lib is None and checks is not None:
-    deps = checks()
-    if deps:
-      with tf.control_dependencies(deps):
-        inputs = [tf.identity(inputs[0]), *inputs[1:]]
+    deps, row_ids = checks()
+    with tf.control_dependencies(deps):
+      inputs = [tf.identity(inputs[0]), *inputs[1:]]
+    loop = functools.partial(loop, row_ids=row_ids)
   if not fusable:
     # A callable (which may hold variables) or a half type: plain autodiff.
     return _flat(loop(values, *inputs))
@@ -512,11 +532,20 @@ def _values_grad(x, dy, matrix):
                                          _dense_shape(matrix))
 
 
-def _recomputed_product(matrix):
+def _recomputed_product(matrix, row_ids=None):
   """`lhs -> lhs @ matrix` for the loop that the gradient differentiates."""
   if _dense_is_faster(matrix, _DENSE_STEPS_MIN_DENSITY):
     dense = matrix.to_dense()
     return lambda lhs: tf.matmul(lhs, dense)
+  return _step_product(matrix, row_ids)
+
+
+def _step_product(matrix, row_ids):
+  """`lhs -> lhs @ matrix` for the steps of one loop: with the layout
+  checked before the loop (`row_ids`) and no compiled library, the pure-TF
+  product without checks of its own; else `bsr_matmul`."""
+  if row_ids is not None and _loader.library() is None:
+    return fallback.checked_product(matrix, row_ids)
   return lambda lhs: bsr_matmul(lhs, matrix)
 
 
@@ -545,7 +574,7 @@ def _dense_is_faster(matrix, min_density):
 
 
 def _loop(step, x_proj, states, mask, go_backwards, zero_output_for_mask,
-          probes=(), recurrent=None):
+          probes=(), recurrent=None, row_ids=None):
   """`tf_keras.backend.rnn` semantics over projected inputs; returns
   `(outputs [batch, time, units], final states)`.
 
@@ -564,7 +593,8 @@ def _loop(step, x_proj, states, mask, go_backwards, zero_output_for_mask,
   # `xs[t]` taken inside the loop is a dense [time, ...] tensor per step.
   x_ta = _unstacked(xs)
   probe_tas = [_unstacked(p) for p in probes]
-  product = _recomputed_product(recurrent) if probes else None
+  product = (_recomputed_product(recurrent, row_ids) if probes
+             else _step_product(recurrent, row_ids))
   out_ta, *tap_tas = [
       tf.TensorArray(x_proj.dtype, size=time, element_shape=states[0].shape)
       for _ in range(1 + len(probes))]
@@ -578,7 +608,7 @@ def _loop(step, x_proj, states, mask, go_backwards, zero_output_for_mask,
       return product(lhs) + probe_tas[len(taps) - 1].read(t)
 
     out, new_states = step(x_ta.read(t), states,
-                           probed_product if probes else None)
+                           probed_product if probes else product)
     if len(taps) != len(probes):
       raise AssertionError(f"{len(taps)} recurrent products in a step, "
                            f"{len(probes)} probes")

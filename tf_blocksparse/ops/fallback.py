@@ -7,6 +7,7 @@ with graph assertions that give the C++ kernels' messages, and the padding
 of the edge blocks is ignored as the kernels ignore it (see `bsr_matmul`).
 """
 
+import numpy as np
 import tensorflow as tf
 
 from tf_blocksparse.bsr import validation
@@ -30,29 +31,67 @@ def _effective_blocks(matrix):
 
 def bsr_matmul_2d(x, matrix):
   """`x @ W` for 2-D `x` [M, K], validated with graph assertions."""
-  (k, n) = matrix.shape
-  nbr, nbc = matrix.block_grid
+  k = matrix.shape[0]
   row_ids = validation.structure_assertions(
-      tf.shape(matrix.values)[0], matrix.col_indices, matrix.row_ptr,
+      validation.num_blocks(matrix.values), matrix.col_indices, matrix.row_ptr,
       matrix.shape, matrix.block_size)
-  values, bh, bw = _effective_blocks(matrix)
   if x.shape[1] is None:  # else checked while tracing
     cols = tf.shape(x, out_type=tf.int64)[1]
     with tf.control_dependencies([validation.check(
         tf.equal(cols, k), lambda: validation.fmt(
             "x has {} columns but the sparse matrix has K = " f"{k}", cols))]):
       x = tf.identity(x)
+  return checked_product(matrix, row_ids)(x)
+
+
+def checked_product(matrix, row_ids):
+  """`x -> x @ W` for a layout already validated, `row_ids` its checked
+  block rows (`validation.structure_assertions`), and `x` [M, K] whose K was
+  checked too: no assertion in it. A recurrence multiplies by the same
+  matrix at every step: validated once outside its loop, the loop body
+  holds only the product (and the padding is cleared once, not per step).
+  """
+  (k, n) = matrix.shape
+  nbr, nbc = matrix.block_grid
+  values, bh, bw = _effective_blocks(matrix)
   values = _without_padding(values, matrix, row_ids, bh, bw)
   # int64 sizes: K or N may be up to 2^31 - 1, the padded ones beyond.
-  m = tf.shape(x, out_type=tf.int64)[0]
-  x_blocks = tf.reshape(tf.pad(x, [[0, 0], [0, nbr * bh - k]]), [m, nbr, bh])
-  x_blocks = tf.transpose(x_blocks, [1, 0, 2])               # [nbr, M, bh]
-  gathered = tf.gather(x_blocks, row_ids)                    # [nnzb, M, bh]
-  # A batched matmul, not einsum: einsum gives [1, 0, bw] for M = nnzb = 0.
-  products = tf.matmul(gathered, values)                     # [nnzb, M, bw]
-  summed = tf.math.unsorted_segment_sum(products, matrix.col_indices, nbc)
-  y = tf.reshape(tf.transpose(summed, [1, 0, 2]), [m, nbc * bw])
-  return y[:, :n]
+  geometry = tf.constant([nbr * bh - k, nbr, bh, nbc, bw, n], tf.int64)
+  shared = _shared_product(values.dtype)
+
+  def product(x):
+    y = shared(x, values, row_ids, matrix.col_indices, geometry)
+    y.set_shape([x.shape[0], n])
+    return y
+  return product
+
+
+_SHARED = {}
+
+
+def _shared_product(dtype):
+  """The product as one traced function per dtype, for every matrix: an
+  exported model multiplies at several sites (each layer, the loop body,
+  the step signature), which then hold a call each rather than a copy of
+  the ~25 ops below."""
+  if dtype not in _SHARED:
+    @tf.function(autograph=False, input_signature=[
+        tf.TensorSpec([None, None], dtype), tf.TensorSpec([None, None, None], dtype),
+        tf.TensorSpec([None], tf.int32), tf.TensorSpec([None], tf.int32),
+        tf.TensorSpec([6], tf.int64)])
+    def bsr_product(x, values, row_ids, col_indices, geometry):
+      pad, nbr, bh, nbc, bw, n = tf.unstack(geometry)
+      m = tf.shape(x, out_type=tf.int64)[0]
+      x_blocks = tf.reshape(tf.pad(x, [[0, 0], [0, pad]]), [m, nbr, bh])
+      x_blocks = tf.transpose(x_blocks, [1, 0, 2])              # [nbr, M, bh]
+      gathered = tf.gather(x_blocks, row_ids)                   # [nnzb, M, bh]
+      # A batched matmul, not einsum: einsum gives [1, 0, bw] for M = nnzb = 0.
+      products = tf.matmul(gathered, values)                    # [nnzb, M, bw]
+      summed = tf.math.unsorted_segment_sum(products, col_indices, nbc)
+      y = tf.reshape(tf.transpose(summed, [1, 0, 2]), [m, nbc * bw])
+      return y[:, :n]
+    _SHARED[dtype] = bsr_product
+  return _SHARED[dtype]
 
 
 def _without_padding(values, matrix, row_ids, bh, bw):
@@ -61,15 +100,24 @@ def _without_padding(values, matrix, row_ids, bh, bw):
   The padding is ignored (the compiled kernels never read it): multiplied
   with the zero-padded operand, a NaN or Inf stored there would still give
   NaN. `tf.where`, so its gradient there is zero too, as the kernels'.
+  Only the last block row (column) has padding rows (columns): each block
+  picks its row (column) pattern from a two-entry table, which keeps the
+  graph small (it is traced into every exported call).
   """
   k, n = matrix.shape
-  if (k == 0 or k % bh == 0) and (n == 0 or n % bw == 0):
+  nbr, nbc = matrix.block_grid
+  keep = None
+  if k and k % bh:
+    table = np.ones([2, bh, 1], bool)
+    table[1, k % bh:] = False
+    keep = tf.gather(table, tf.cast(tf.equal(row_ids, nbr - 1), tf.int32))
+  if n and n % bw:
+    table = np.ones([2, 1, bw], bool)
+    table[1, :, n % bw:] = False
+    cols = tf.gather(table, tf.cast(tf.equal(matrix.col_indices, nbc - 1), tf.int32))
+    keep = cols if keep is None else keep & cols
+  if keep is None:
     return values
-  rows = (tf.cast(row_ids, tf.int64)[:, None] * bh
-          + tf.range(bh, dtype=tf.int64)[None, :]) < k              # [nnzb, bh]
-  cols = (tf.cast(matrix.col_indices, tf.int64)[:, None] * bw
-          + tf.range(bw, dtype=tf.int64)[None, :]) < n
-  keep = rows[:, :, None] & cols[:, None, :]
   return tf.where(keep, values, tf.zeros([], values.dtype))
 
 
@@ -85,7 +133,7 @@ def bsr_values_grad_2d(x, dy, matrix):
   (k, n), (bh, bw) = matrix.shape, matrix.block_size
   nbr, nbc = matrix.block_grid
   row_ids = validation.structure_assertions(
-      tf.shape(matrix.values)[0], matrix.col_indices, matrix.row_ptr,
+      validation.num_blocks(matrix.values), matrix.col_indices, matrix.row_ptr,
       matrix.shape, matrix.block_size)
   _, ebh, ebw = _effective_blocks(matrix)
   x = tf.pad(x, [[0, 0], [0, nbr * ebh - k]])
