@@ -27,6 +27,7 @@ import tf_keras
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import tf_blocksparse as tfbs  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tf_blocksparse import benchmarking  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 VOCAB = 98
 
@@ -102,7 +103,9 @@ def main(argv=None):
           f"{r['sparse_variables_bytes']:,}) | {r['dir_ratio']:.3f}x |")
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "savedmodel_size.json"), "w") as f:
-    json.dump({"tensorflow": tf.__version__, "rows": rows}, f, indent=1)
+    json.dump({"tensorflow": tf.__version__, "machine": benchmarking.cpu_info(),
+               "note": "sizes do not depend on the machine", "rows": rows},
+              f, indent=1)
 
 
 if __name__ == "__main__":

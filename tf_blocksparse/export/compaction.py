@@ -57,12 +57,6 @@ def compact_function(fdef, entry=True):
   for i, node in enumerate(fdef.node_def):
     names[node.name] = _short(i, "n")
 
-  def tensor(ref):
-    if ref.startswith("^"):
-      return "^" + names.get(ref[1:], ref[1:])
-    head, sep, tail = ref.partition(":")
-    return names.get(head, head) + sep + tail
-
   for node in fdef.node_def:
     node.name = names[node.name]
     shapes = node.attr.get("_output_shapes")
@@ -72,21 +66,36 @@ def compact_function(fdef, entry=True):
       node.attr.pop("_output_shapes", None)
     # Read only while tracing the function, never by a loader.
     node.attr.pop("_has_manual_control_dependencies", None)
-    inputs = [tensor(ref) for ref in node.input]
-    del node.input[:]
-    node.input.extend(inputs)
     if "_class" in node.attr:
       loc = node.attr["_class"].list
       values = [b"loc:@" + names.get(v[5:].decode(), v[5:].decode()).encode()
                 if v.startswith(b"loc:@") else v for v in loc.s]
       del loc.s[:]
       loc.s.extend(values)
+  _rewrite_references(fdef, names)
+  return fdef
+
+
+def _rewrite_references(fdef, names):
+  """Points every reference to a node (inputs `name:out:i` and `^name`,
+  returned tensors, control returns) at `names[name]` where renamed; a
+  control input that now appears twice is kept once."""
+  def ref(text):
+    control = text.startswith("^")
+    head, sep, tail = text.lstrip("^").partition(":")
+    return ("^" if control else "") + names.get(head, head) + sep + tail
+
+  for node in fdef.node_def:
+    inputs = [ref(r) for r in node.input]
+    inputs = [r for i, r in enumerate(inputs)
+              if not r.startswith("^") or r not in inputs[:i]]
+    del node.input[:]
+    node.input.extend(inputs)
   for key in list(fdef.ret):
-    fdef.ret[key] = tensor(fdef.ret[key])
+    fdef.ret[key] = ref(fdef.ret[key])
   for key in list(fdef.control_ret):
     fdef.control_ret[key] = names.get(fdef.control_ret[key],
                                       fdef.control_ret[key])
-  return fdef
 
 
 # Calls and control flow carry functions of their own: left as they are.
@@ -129,24 +138,7 @@ def _merge_duplicates(fdef):
     nodes = [n for n in fdef.node_def if n.name not in alias]
     del fdef.node_def[:]
     fdef.node_def.extend(nodes)
-
-    def redirect(ref):
-      control = ref.startswith("^")
-      head, sep, tail = ref.lstrip("^").partition(":")
-      return ("^" if control else "") + alias.get(head, head) + sep + tail
-
-    for node in fdef.node_def:
-      inputs = [redirect(ref) for ref in node.input]
-      # a control input named twice (both copies were waited for) once
-      inputs = [r for i, r in enumerate(inputs)
-                if not r.startswith("^") or r not in inputs[:i]]
-      del node.input[:]
-      node.input.extend(inputs)
-    for key in list(fdef.ret):
-      fdef.ret[key] = redirect(fdef.ret[key])
-    for key in list(fdef.control_ret):
-      fdef.control_ret[key] = alias.get(fdef.control_ret[key],
-                                        fdef.control_ret[key])
+    _rewrite_references(fdef, alias)
 
 
 def compact_saved_model(export_dir):
