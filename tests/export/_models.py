@@ -1,6 +1,9 @@
-"""Small models shared by the export tests."""
+"""Small models, and edits of their exports, shared by the export tests."""
+
+import os
 
 import numpy as np
+import tensorflow as tf
 import tf_keras
 
 import tf_blocksparse as tfbs
@@ -57,3 +60,23 @@ def streaming_model(seed=0):
                                  bias_initializer="random_normal"),
       tf_keras.layers.Dense(3, name="logits"),
   ])
+
+
+def rewrite_checkpoint(path, match, tamper):
+  """Rewrites the export's variables with valid checksums, `tamper`ing the
+  int32 tensor equal to `match`, as a deliberate edit of the files would."""
+  prefix = os.path.join(path, "variables", "variables")
+  reader = tf.train.load_checkpoint(prefix)
+  names, tensors, hits = [], [], 0
+  for name in sorted(reader.get_variable_to_shape_map()):
+    value = reader.get_tensor(name)
+    if (isinstance(value, np.ndarray) and value.dtype == np.int32
+        and value.shape == match.shape and np.array_equal(value, match)):
+      value, hits = tamper(value), hits + 1
+    names.append(name)
+    tensors.append(tf.constant(value))
+  assert hits == 1
+  for f in os.listdir(os.path.dirname(prefix)):
+    os.remove(os.path.join(os.path.dirname(prefix), f))
+  tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names,
+                    shape_and_slices=[""] * len(names), tensors=tensors)

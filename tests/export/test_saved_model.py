@@ -413,26 +413,6 @@ def test_rewritten_col_indices_bytes_fail_at_load(tmp_path, lstm_models, mode):
   _assert_stock_load_raises(path, mode)
 
 
-def _rewrite_checkpoint(path, match, tamper):
-  """Rewrites the export's variables with valid checksums, `tamper`ing the
-  int32 tensor equal to `match`, as a deliberate edit of the files would."""
-  prefix = os.path.join(path, "variables", "variables")
-  reader = tf.train.load_checkpoint(prefix)
-  names, tensors, hits = [], [], 0
-  for name in sorted(reader.get_variable_to_shape_map()):
-    value = reader.get_tensor(name)
-    if (isinstance(value, np.ndarray) and value.dtype == np.int32
-        and value.shape == match.shape and np.array_equal(value, match)):
-      value, hits = tamper(value), hits + 1
-    names.append(name)
-    tensors.append(tf.constant(value))
-  assert hits == 1
-  for f in os.listdir(os.path.dirname(prefix)):
-    os.remove(os.path.join(os.path.dirname(prefix), f))
-  tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names,
-                    shape_and_slices=[""] * len(names), tensors=tensors)
-
-
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("component,tamper,message", [
     ("col_indices", lambda v: v + 1000, "col_indices"),
@@ -445,7 +425,8 @@ def test_rewritten_bsr_files_load_then_fail_at_call(tmp_path, lstm_models,
   path = str(tmp_path / "model")
   tfbs.export.export_saved_model(sparse, path, mode=mode)
   weight = sparse.get_layer("rnn").cell.recurrent_kernel
-  _rewrite_checkpoint(path, np.asarray(getattr(weight, component)), tamper)
+  _models.rewrite_checkpoint(path, np.asarray(getattr(weight, component)),
+                            tamper)
   loaded = tfbs.export.load_saved_model(path)
   x = tf.constant(np.ones([1, 3, 8], np.float32))
   with pytest.raises(tf.errors.InvalidArgumentError, match=message):
