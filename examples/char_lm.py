@@ -33,6 +33,7 @@ Writes to `--out`: `results.json` (one object per variant), `results.md`
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -43,12 +44,44 @@ import tempfile
 import time
 
 import numpy as np
-import tensorflow as tf
-import tf_keras
 
-import tf_blocksparse as tfbs
-from tf_blocksparse.benchmarking import time_in_graph
-from tf_blocksparse.pruning import block_masks
+
+@contextlib.contextmanager
+def quiet_native_logs():
+  """Keeps what TensorFlow's C++ code writes to stderr (the TFLite
+  converter's MLIR passes, the SavedModel loader) off the console for the
+  block: file descriptor 2 goes to a temporary file, Python's own stderr
+  (warnings, tracebacks) stays on the console. If the block raises, the
+  captured log is shown before the error. Only this example does this; the
+  library leaves a user's logging alone."""
+  sys.stderr.flush()
+  console = os.dup(2)
+  python_stderr = sys.stderr
+  with tempfile.TemporaryFile() as sink:
+    os.dup2(sink.fileno(), 2)
+    sys.stderr = os.fdopen(os.dup(console), "w", buffering=1)
+    try:
+      yield
+    except BaseException:
+      sink.seek(0)
+      sys.stderr.write(sink.read().decode(errors="replace")[-20000:])
+      raise
+    finally:
+      sys.stderr.close()
+      sys.stderr = python_stderr
+      os.dup2(console, 2)
+      os.close(console)
+
+
+# TensorFlow's start-up lines (oneDNN, CUDA probing, CPU features): the
+# console shows the run, not them.
+with quiet_native_logs():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tf_keras  # pylint: disable=g-import-not-at-top
+  import tf_blocksparse as tfbs  # pylint: disable=g-import-not-at-top
+  from tf_blocksparse.benchmarking import time_in_graph  # pylint: disable=g-import-not-at-top
+  from tf_blocksparse.pruning import block_masks  # pylint: disable=g-import-not-at-top
+  tf.config.list_physical_devices()
 
 RNN = {"lstm": tf_keras.layers.LSTM, "gru": tf_keras.layers.GRU}
 GATES = {"lstm": 4, "gru": 3}
@@ -488,8 +521,9 @@ def run(args):
       np.testing.assert_allclose(fast(probe).numpy(), model(probe).numpy(),
                                  rtol=1e-3, atol=1e-4)
       # A model left unconverted is measured as it is (dense).
-      sizes = export_sizes(fast, os.path.join(scratch, variant.name),
-                           block_sparse="auto" if fast is not model else False)
+      with quiet_native_logs():
+        sizes = export_sizes(fast, os.path.join(scratch, variant.name),
+                             block_sparse="auto" if fast is not model else False)
       models[variant.name] = fast
       row = {"name": variant.name, "cell": args.cell, "units": variant.units,
              "block_size": (list(variant.block_size) if variant.block_size

@@ -170,3 +170,22 @@ def test_tiny_run_end_to_end(tmp_path):
   assert float(tf.reduce_mean(ce)) / math.log(2) == pytest.approx(
       sparse["test_bpc"], rel=1e-4)
   assert rows[1]["test_bpc"] == sparse["test_bpc"]
+
+
+def test_quiet_native_logs_hides_fd2_writes_but_not_python_stderr(capfd):
+  import sys  # pylint: disable=import-outside-toplevel
+  with lm.quiet_native_logs():
+    os.write(2, b"native log line\n")     # as TensorFlow's C++ code writes
+    print("python warning", file=sys.stderr)
+  os.write(2, b"after the block\n")
+  err = capfd.readouterr().err
+  assert "native log line" not in err
+  assert "python warning" in err and "after the block" in err
+
+
+def test_quiet_native_logs_shows_the_log_when_the_block_fails(capfd):
+  with pytest.raises(ValueError, match="conversion failed"):
+    with lm.quiet_native_logs():
+      os.write(2, b"converter said why\n")
+      raise ValueError("conversion failed")
+  assert "converter said why" in capfd.readouterr().err
