@@ -417,9 +417,12 @@ def plot(rows, path):
 
 
 # The quick run trains on the whole text (the same split and test text as
-# the full run) with short windows and small batches: 1,632 steps in about
-# 40 s per LSTM(128) on 2 cores.
-QUICK = dict(units=128, epochs=8, seq_len=64, batch=32, max_chars=0, lr=5e-3,
+# the full run) with short windows and small batches, for a fixed number of
+# steps rather than epochs: its time is the steps', whatever the text's
+# length. 1,632 steps (8 epochs of pydoc_data.topics) take about 40 s per
+# LSTM(128) on 2 cores; a 300 kB text gets 12 epochs.
+QUICK_STEPS = 1632
+QUICK = dict(units=128, seq_len=64, batch=32, max_chars=0, lr=5e-3,
              variants="dense,poly4_90_out,larger_pruned")
 FULL = dict(units=128, epochs=20, seq_len=100, batch=64, max_chars=0, lr=8e-3,
             variants="dense,thr4_80,thr4_90,poly4_90_out,thr16_80,thr16_90,"
@@ -437,7 +440,8 @@ def parse_args(argv=None):
                  help="UTF-8 text file (default: pydoc_data.topics)")
   p.add_argument("--cell", choices=sorted(RNN), default="lstm")
   p.add_argument("--units", type=int, help="hidden units of the baseline")
-  p.add_argument("--epochs", type=int)
+  p.add_argument("--epochs", type=int,
+                 help=f"(quick: as many as make {QUICK_STEPS} steps)")
   p.add_argument("--seq-len", type=int)
   p.add_argument("--batch", type=int)
   p.add_argument("--max-chars", type=int,
@@ -465,7 +469,7 @@ def parse_args(argv=None):
   if "dense" not in args.variants:
     args.variants.insert(0, "dense")   # every ratio is against it
   for key in ("units", "epochs", "seq_len", "batch"):
-    if getattr(args, key) < 1:
+    if getattr(args, key) is not None and getattr(args, key) < 1:
       p.error(f"--{key.replace('_', '-')} must be >= 1")
   return args
 
@@ -481,6 +485,8 @@ def prepare_data(args):
   if steps_per_epoch < 1:
     raise ValueError("the training text holds less than one batch; use a "
                      "smaller --batch or --seq-len, or a longer text")
+  if args.epochs is None:   # the quick run: a budget of steps
+    args.epochs = max(1, round(QUICK_STEPS / steps_per_epoch))
   train_ds = dataset(*sets[0], len(vocab), args.batch, shuffle_seed=args.seed)
   valid_ds = dataset(*sets[1], len(vocab), args.batch)
   return text, vocab, sets, (train_ds, valid_ds, steps_per_epoch)

@@ -189,3 +189,19 @@ def test_quiet_native_logs_shows_the_log_when_the_block_fails(capfd):
       os.write(2, b"converter said why\n")
       raise ValueError("conversion failed")
   assert "converter said why" in capfd.readouterr().err
+
+
+def test_quick_run_trains_a_budget_of_steps_unless_epochs_are_given(tmp_path):
+  text = tmp_path / "text.txt"
+  text.write_text("the quick brown fox jumps over the lazy dog. " * 2000,
+                  encoding="utf-8")
+  args = lm.parse_args(["--quick", "--text", str(text)])
+  assert args.epochs is None
+  _, _, sets, (_, _, steps_per_epoch) = lm.prepare_data(args)
+  assert steps_per_epoch == len(sets[0][0]) // 32
+  # 90,000 characters: 1,265 train windows of 64, 39 batches of 32 an epoch.
+  assert steps_per_epoch == 39
+  assert args.epochs == round(lm.QUICK_STEPS / 39) == 42
+  given = lm.parse_args(["--quick", "--text", str(text), "--epochs", "3"])
+  lm.prepare_data(given)
+  assert given.epochs == 3
