@@ -11,6 +11,9 @@ same data (Narang et al., 2017, at small scale):
 - `group_lasso`: group-lasso regularisation alone (4x4 blocks); afterwards
   the blocks it drove to zero (largest |w| below `GL_ZERO_TOL`) are zeroed;
 - `glp`: group lasso while pruning (4x4 blocks, ~90 %);
+- `poly4_90_out`: 4x4 blocks, 90 %, the logits layer too, cubic schedule
+  early in training and a long fine-tune; `poly4_90_kd`: the same,
+  distilled from the trained dense variant (`tfbs.distillation.Distiller`);
 - `larger_pruned`: a model twice as wide, pruned (4x4 blocks) until it has
   no more non-zero parameters than the dense baseline.
 
@@ -176,6 +179,7 @@ class Variant:
   prune: bool = True
   prune_output: bool = False     # the logits layer too, same blocks/schedule
   span: tuple = None             # pruning span (fractions), None: PRUNE_SPAN
+  distill: bool = False          # trained towards the dense variant's logits
 
 
 def variants(units, names, gl_strength, glp_strength, large_factor=2):
@@ -190,6 +194,10 @@ def variants(units, names, gl_strength, glp_strength, large_factor=2):
       # five spans on the quick settings).
       Variant("poly4_90_out", units, four, 0.9, schedule="polynomial",
               prune_output=True, span=(0.02, 0.1, 0.3)),
+      # The same, distilled from the trained dense variant
+      # (tfbs.distillation.Distiller, alpha 0.5, temperature 2).
+      Variant("poly4_90_kd", units, four, 0.9, schedule="polynomial",
+              prune_output=True, span=(0.02, 0.1, 0.3), distill=True),
       Variant("thr16_80", units, sixteen, 0.8),
       Variant("thr16_90", units, sixteen, 0.9),
       Variant("group_lasso", units, four, None, group_lasso=gl_strength,
@@ -333,7 +341,7 @@ def inference_ms(model, vocab_size, batch, length, budget_s):
 
 # ---------------------------------------------------------------------- run
 
-def train_variant(variant, args, data, vocab_size):
+def train_variant(variant, args, data, vocab_size, teacher=None):
   """Trains one variant; returns the stripped (dense-layer) model."""
   train_ds, valid_ds, steps_per_epoch = data
   total = args.epochs * steps_per_epoch
@@ -344,18 +352,26 @@ def train_variant(variant, args, data, vocab_size):
   model = build_model(args.cell, variant.units, vocab_size, variant, sparsity,
                       total, seed=args.seed)
   lr = tf_keras.optimizers.schedules.CosineDecay(args.lr, total, alpha=0.05)
-  model.compile(tf_keras.optimizers.Adam(lr, clipnorm=1.0),
-                tf_keras.losses.SparseCategoricalCrossentropy(
-                    from_logits=True))
+  fitted = model
+  if variant.distill:
+    if teacher is None:
+      raise ValueError(f"variant {variant.name} distills from the dense "
+                       "variant, which must be trained first")
+    fitted = tfbs.distillation.Distiller(model, teacher, alpha=0.5,
+                                         temperature=2.0)
+  fitted.compile(tf_keras.optimizers.Adam(lr, clipnorm=1.0),
+                 tf_keras.losses.SparseCategoricalCrossentropy(
+                     from_logits=True))
   callbacks = [tfbs.UpdatePruningStep()] if variant.prune else []
   print(f"\n=== {variant.name}: {args.cell.upper()}({variant.units})"
         + (f", {variant.block_size[0]}x{variant.block_size[1]} blocks"
            if variant.block_size else "")
         + (f", target block sparsity {sparsity:.2f}" if sparsity else "")
         + (f", group lasso {variant.group_lasso:g}"
-           if variant.group_lasso else ""), flush=True)
-  model.fit(train_ds, epochs=args.epochs, validation_data=valid_ds,
-            callbacks=callbacks, verbose=args.verbose)
+           if variant.group_lasso else "")
+        + (", distilled from dense" if variant.distill else ""), flush=True)
+  fitted.fit(train_ds, epochs=args.epochs, validation_data=valid_ds,
+             callbacks=callbacks, verbose=args.verbose)
   if variant.prune:
     model = tfbs.strip_block_pruning(model)
   elif variant.group_lasso:
@@ -425,7 +441,8 @@ QUICK_STEPS = 1632
 QUICK = dict(units=128, seq_len=64, batch=32, max_chars=0, lr=5e-3,
              variants="dense,poly4_90_out,larger_pruned")
 FULL = dict(units=128, epochs=20, seq_len=100, batch=64, max_chars=0, lr=8e-3,
-            variants="dense,thr4_80,thr4_90,poly4_90_out,thr16_80,thr16_90,"
+            variants="dense,thr4_80,thr4_90,poly4_90_out,poly4_90_kd,"
+                     "thr16_80,thr16_90,"
                      "group_lasso,glp,larger_pruned")
 
 
@@ -508,12 +525,14 @@ def run(args):
         f"{tfbs.ops.custom_ops_available()}", flush=True)
   chosen = variants(args.units, args.variants, args.group_lasso,
                     args.glp_lasso)
-  rows, models, timings = [], {}, {}
+  rows, models, timings, trained = [], {}, {}, {}
   scratch = tempfile.mkdtemp(prefix="char_lm_exports_")
   try:
     for variant in chosen:
       t0 = time.time()
-      model, sparsity = train_variant(variant, args, data, v)
+      model, sparsity = train_variant(variant, args, data, v,
+                                      teacher=trained.get("dense"))
+      trained[variant.name] = model
       train_s = time.time() - t0
       bpc = bits_per_char(model, *sets[2], v)
       sparsity_reached = block_sparsity(model, variant.block_size)

@@ -10,6 +10,7 @@ from tf_blocksparse.bsr import BlockSparseMatrix
 
 __version__ = "0.1.0"
 from tf_blocksparse import block_term
+from tf_blocksparse import distillation
 from tf_blocksparse import layers
 from tf_blocksparse import regularizers
 from tf_blocksparse import schedules

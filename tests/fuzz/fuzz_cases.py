@@ -278,6 +278,18 @@ def _mutate_operand(rng, case):
 # --- oracle -----------------------------------------------------------------------
 
 
+def _loss_weight_grad(dy, m, n):
+  """d sum(y * dy) / dy for y [m, n] under numpy broadcasting (a mutated
+  layout can change n while dy keeps its shape: [1, 0] * [1, 1] is valid),
+  or None when the two do not broadcast."""
+  try:
+    full = np.broadcast_to(dy, np.broadcast_shapes((m, n), dy.shape))
+  except ValueError:
+    return None
+  axes = tuple(i for i, d in enumerate((m, n)) if d == 1 and full.shape[i] != 1)
+  return full.sum(axis=axes, keepdims=True) if axes else full
+
+
 def bsr_error(values_shape, cols, ptr, shape):
   """The first rule a BSR structure breaks, in the kernels' words, or None."""
   nnzb, bh, bw = values_shape
@@ -379,6 +391,8 @@ def operand_error(case):
       return xk != k
     if op == "raw_transposed":
       return case["dy"].shape[1] != n
+    if op == "bsr_matmul_grad":  # dy only weighs sum(y * dy): it broadcasts
+      return xk != k or _loss_weight_grad(case["dy"], m, n) is None
     return xk != k or case["dy"].shape[1] != n or case["dy"].shape[0] != m
   x, states, mask, bias = case["x"], case["states"], case["mask"], case["bias"]
   g = GATES[case["kind"]]
@@ -416,8 +430,8 @@ def reference(case):
   if op == "raw_values_grad":
     return [sparse_values_grad(case["x"], case["dy"], case)]
   if op == "bsr_matmul_grad":  # d(sum(y * dy)) for x and values
-    return [sparse_product_t(case["dy"], case),
-            sparse_values_grad(case["x"], case["dy"], case)]
+    dy = _loss_weight_grad(case["dy"], *case["x"].shape[:1], case["shape"][1])
+    return [sparse_product_t(dy, case), sparse_values_grad(case["x"], dy, case)]
   kind = case["kind"]
   nk = kind if kind != "gru" or case["reset_after"] else "gru_before"
   bias = case["bias"]

@@ -336,3 +336,61 @@ def test_sequence_nan_and_inf_propagate_alike(kind, activation):
 
 _ACTS = {"tanh": np.tanh, "relu": lambda v: np.maximum(v, 0), "linear": lambda v: v,
          "hard_sigmoid": lambda v: np.clip(0.2 * v + 0.5, 0, 1)}
+
+
+# --- order of checks in a graph --------------------------------------------------
+
+
+def _ancestors(graph, op):
+  """Every op `op` waits for in `graph`, through data and control inputs."""
+  seen, todo = set(), [op]
+  while todo:
+    current = todo.pop()
+    for parent in [t.op for t in current.inputs] + list(current.control_inputs):
+      if parent.name not in seen:
+        seen.add(parent.name)
+        todo.append(parent)
+  return {graph.get_operation_by_name(n) for n in seen}
+
+
+def _layout_check_calls(ops):
+  return [o for o in ops if o.type in ("PartitionedCall", "StatefulPartitionedCall")
+          and "layout_checks" in o.get_attr("f").name]
+
+
+@pytest.mark.parametrize("which", ["matmul", "gru_sequence"])
+def test_fallback_ops_on_the_layout_wait_for_its_checks(which):
+  # In a graph the executor may run any ready op first: an op that reads
+  # values or col_indices before the checks pass fails with its own message
+  # when their counts disagree (fuzz seeds 411087, 510927: a tf.where
+  # broadcast error instead of "col_indices has 4 entries but values holds
+  # 3 blocks"). Every op reading them must depend on the checks.
+  shape, block = (3, 9), (3, 2)     # 9 % 2: the padding is cleared by a where
+  specs = [tf.TensorSpec([None, *block]), tf.TensorSpec([None], tf.int32),
+           tf.TensorSpec([None], tf.int32)]
+
+  def body(values, cols, ptr):
+    matrix = tfbs.BlockSparseMatrix(values, cols, ptr, shape)
+    if which == "matmul":
+      return tfbs.ops.bsr_matmul(tf.ones([2, 3]), matrix)
+    return tfbs.ops.gru_sequence(tf.ones([2, 4, 9]), tf.ones([2, 3]), matrix)[0]
+
+  with tfbs.ops.use_custom_ops(False):
+    graph = tf.function(body, input_signature=specs).get_concrete_function().graph
+  # values and col_indices, and what passes them on unchanged (Identity,
+  # the custom gradient's IdentityN: output i is input i).
+  aliases = {t.ref() for t in graph.inputs[:2]}
+  for o in graph.get_operations():
+    if o.type == "Identity" and o.inputs[0].ref() in aliases:
+      aliases.add(o.outputs[0].ref())
+    elif o.type == "IdentityN":
+      aliases |= {out.ref() for t, out in zip(o.inputs, o.outputs)
+                  if t.ref() in aliases}
+  readers = [o for o in graph.get_operations()
+             if {t.ref() for t in o.inputs} & aliases
+             and not _layout_check_calls([o])
+             and o.type not in ("Identity", "IdentityN", "Shape", "Size")]
+  assert readers
+  for op in readers:
+    assert _layout_check_calls(_ancestors(graph, op)), (
+        f"{op.type} {op.name} reads the layout before its checks")

@@ -54,13 +54,21 @@ def checked_product(matrix, row_ids):
   (k, n) = matrix.shape
   nbr, nbc = matrix.block_grid
   values, bh, bw = _effective_blocks(matrix)
-  values = _without_padding(values, matrix, row_ids, bh, bw)
+  # After the checks (row_ids is their output): in a graph, ops on the
+  # unchecked values and col_indices could otherwise run first and fail
+  # with their own message (a broadcast in `_without_padding` when the
+  # counts disagree), whichever the executor happens to schedule first.
+  with tf.control_dependencies([row_ids]):
+    values = tf.identity(values)
+    col_indices = tf.identity(matrix.col_indices)
+  values = _without_padding(values, matrix.shape, matrix.block_grid,
+                            col_indices, row_ids, bh, bw)
   # int64 sizes: K or N may be up to 2^31 - 1, the padded ones beyond.
   geometry = tf.constant([nbr * bh - k, nbr, bh, nbc, bw, n], tf.int64)
   shared = _shared_product(values.dtype)
 
   def product(x):
-    y = shared(x, values, row_ids, matrix.col_indices, geometry)
+    y = shared(x, values, row_ids, col_indices, geometry)
     y.set_shape([x.shape[0], n])
     return y
   return product
@@ -94,7 +102,7 @@ def _shared_product(dtype):
   return _SHARED[dtype]
 
 
-def _without_padding(values, matrix, row_ids, bh, bw):
+def _without_padding(values, shape, block_grid, col_indices, row_ids, bh, bw):
   """The (effective) block values with the edge blocks' padding set to zero.
 
   The padding is ignored (the compiled kernels never read it): multiplied
@@ -104,8 +112,8 @@ def _without_padding(values, matrix, row_ids, bh, bw):
   picks its row (column) pattern from a two-entry table, which keeps the
   graph small (it is traced into every exported call).
   """
-  k, n = matrix.shape
-  nbr, nbc = matrix.block_grid
+  k, n = shape
+  nbr, nbc = block_grid
   keep = None
   if k and k % bh:
     table = np.ones([2, bh, 1], bool)
@@ -114,7 +122,7 @@ def _without_padding(values, matrix, row_ids, bh, bw):
   if n and n % bw:
     table = np.ones([2, 1, bw], bool)
     table[1, :, n % bw:] = False
-    cols = tf.gather(table, tf.cast(tf.equal(matrix.col_indices, nbc - 1), tf.int32))
+    cols = tf.gather(table, tf.cast(tf.equal(col_indices, nbc - 1), tf.int32))
     keep = cols if keep is None else keep & cols
   if keep is None:
     return values
