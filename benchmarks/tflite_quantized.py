@@ -156,8 +156,8 @@ def main(argv=None):
     lm_args.epochs = args.epochs
   _, vocab, sets, data = char_lm.prepare_data(lm_args)
   v = len(vocab)
-  (variant,) = [x for x in char_lm.variants(
-      lm_args.units, [args.variant], lm_args.group_lasso, lm_args.glp_lasso)]
+  (variant,) = char_lm.variants(lm_args.units, [args.variant],
+                                lm_args.group_lasso, lm_args.glp_lasso)
   model, _ = char_lm.train_variant(variant, lm_args, data, v)
   keras_bpc = char_lm.bits_per_char(model, *sets[2], v)
   sparse = tfbs.to_block_sparse(model, block_size=variant.block_size,
