@@ -372,6 +372,50 @@ def sparse_values_grad(x, dy, case):
   return g
 
 
+class StructuralMatrix:
+  """W as the sequence references multiply it: `h @ W` sums the stored
+  blocks only (columns from `col0`), so a NaN or Inf in `h` meets no
+  structural zero, as the contract says; `W[:, c:]` keeps columns c.."""
+
+  __array_ufunc__ = None  # numpy defers h @ W to __rmatmul__
+
+  def __init__(self, case, col0=0):
+    self.case, self.col0 = case, col0
+    k, n = case["shape"]
+    self.shape = (k, n - col0)
+
+  def __getitem__(self, key):
+    rows, cols = key
+    assert rows == slice(None) and cols.step is None and cols.stop is None, key
+    return StructuralMatrix(self.case, self.col0 + cols.start)
+
+  def __rmatmul__(self, h):
+    bh, bw = self.case["values"].shape[1:]
+    y = np.zeros([h.shape[0], self.shape[1]])
+    for _, i, c, blk in blocks_of(self.case):
+      lo, hi = max(c * bw, self.col0), c * bw + blk.shape[1]
+      if lo < hi:
+        y[:, lo - self.col0:hi - self.col0] += (
+            h[:, i * bh:i * bh + blk.shape[0]] @ blk[:, lo - c * bw:])
+    return y
+
+
+def structural_matmul(case, h, u, col0=0):
+  """h @ u[:, col0:] in TF over the stored blocks' entries of the dense,
+  differentiable u only (StructuralMatrix's rule)."""
+  (k, n), (bh, bw) = case["shape"], case["values"].shape[1:]
+  # Zeros that still depend on h and u, as the ops' products do: with no
+  # block in the columns, h's gradient is 0 (0 * NaN downstream is NaN),
+  # not "unconnected".
+  y = h[:, :0] @ u[:0, col0:]
+  for _, i, c, blk in blocks_of(case):
+    lo, hi = max(c * bw, col0), c * bw + blk.shape[1]
+    if lo < hi:
+      part = h[:, i * bh:i * bh + blk.shape[0]] @ u[i * bh:i * bh + blk.shape[0], lo:hi]
+      y += tf.pad(part, [[0, 0], [lo - col0, n - hi]])
+  return y
+
+
 def dense_matrix(case):
   (k, n), (bh, bw) = case["shape"], case["values"].shape[1:]
   w = np.zeros([k, n])
@@ -438,7 +482,7 @@ def reference(case):
   if bias is not None and bias.size == 0:
     bias = None
   act = _ACTS[case["activation"]]
-  out, states = numpy_rnn(nk, case["x"], case["states"], dense_matrix(case),
+  out, states = numpy_rnn(nk, case["x"], case["states"], StructuralMatrix(case),
                           None if bias is None else bias.astype(np.float64),
                           case["mask"], case["go_backwards"], case["zero_out"],
                           act=act, rec_act=sigmoid)
@@ -458,7 +502,8 @@ def loss_weights(t):
 
 
 def _dense_loop(case, x, states, u, bias):
-  """The recurrence in plain TF ops on a dense U (the gradient reference)."""
+  """The recurrence in plain TF ops on a dense U (the gradient reference),
+  its products over the stored blocks only (structural_matmul)."""
   kind, act = case["kind"], _TF_ACTS[case["activation"]]
   rec = _TF_ACTS["sigmoid"]
   b, t = case["x"].shape[:2]
@@ -469,18 +514,18 @@ def _dense_loop(case, x, states, u, bias):
   for step in steps:
     xt, h = x[:, step], states[0]
     if kind == "simple":
-      new = [act(xt + h @ u)]
+      new = [act(xt + structural_matmul(case, h, u))]
     elif kind == "lstm":
-      i, f, g, o = tf.split(xt + h @ u, 4, axis=1)
+      i, f, g, o = tf.split(xt + structural_matmul(case, h, u), 4, axis=1)
       c = rec(f) * states[1] + rec(i) * act(g)
       new = [rec(o) * act(c), c]
     else:
       xz, xr, xh = tf.split(xt, 3, axis=1)
-      inner = h @ u + (0 if bias is None else bias)
+      inner = structural_matmul(case, h, u) + (0 if bias is None else bias)
       rz, rr, rh = tf.split(inner, 3, axis=1)
       z, r = rec(xz + rz), rec(xr + rr)
       hh = (act(xh + r * rh) if case["reset_after"]
-            else act(xh + (r * h) @ u[:, 2 * units:]))
+            else act(xh + structural_matmul(case, r * h, u, 2 * units)))
       new = [z * h + (1 - z) * hh]
     out = new[0]
     if case["mask"] is not None:

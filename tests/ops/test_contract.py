@@ -394,3 +394,43 @@ def test_fallback_ops_on_the_layout_wait_for_its_checks(which):
   for op in readers:
     assert _layout_check_calls(_ancestors(graph, op)), (
         f"{op.type} {op.name} reads the layout before its checks")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_reset_before_gru_gradient_keeps_to_the_candidate_columns(path):
+  """Without reset_after, (r * h) @ U_h uses U's h columns only: an Inf in
+  the z columns makes NaN where it multiplies (d h0), but not in the reset
+  gate's gradient, which the z columns do not reach (0 * Inf)."""
+  rng = np.random.default_rng(6)
+  u = (0.4 * rng.standard_normal([4, 12])).astype(np.float32)
+  u[1, 0] = np.inf
+  rec = tfbs.BlockSparseMatrix.from_dense(u, (4, 4))
+  x = tf.constant(rng.standard_normal([2, 1, 12]).astype(np.float32))
+  h0 = tf.constant(rng.standard_normal([2, 4]).astype(np.float32))
+  weights = rng.standard_normal([2, 1, 4])
+
+  def loss_and_grads(run, values):
+    with tf.GradientTape() as tape:
+      tape.watch([x, h0, values])
+      loss = tf.reduce_sum(tf.cast(run(x, h0, values), tf.float64) * weights)
+    return tape.gradient(loss, [x, h0, values])
+
+  def reference(x, h0, values):
+    u_ = tf.cast(rec.with_values(values).to_dense(), tf.float64)
+    x, h = tf.cast(x[:, 0], tf.float64), tf.cast(h0, tf.float64)
+    xz, xr, xh = tf.split(x, 3, axis=1)
+    rz, rr = tf.split(h @ u_[:, :8], 2, axis=1)
+    z, r = tf.sigmoid(xz + rz), tf.sigmoid(xr + rr)
+    hh = tf.tanh(xh + (r * h) @ u_[:, 8:])
+    return (z * h + (1 - z) * hh)[:, None]
+
+  ours = lambda x, h0, v: tfbs.ops.gru_sequence(
+      x, h0, rec.with_values(v), reset_after=False)[0]
+  with path_scope(path):
+    got = loss_and_grads(ours, rec.values)
+  want = loss_and_grads(reference, tf.convert_to_tensor(rec.values))
+  assert np.isnan(want[1]).any()  # the Inf does reach d h0
+  assert np.isfinite(want[0][..., 4:]).all()  # not the r and h gates
+  for g, w, name in zip(got, want, ["x_proj", "h0", "values"]):
+    np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=1e-5, atol=1e-6,
+                               err_msg=name)

@@ -40,7 +40,9 @@ only known at run time):
   initial states; `batch = 0` gives empty outputs and states; `units = 0`
   gives empty features.
 * NaN/Inf in `x_proj` or the states propagate through the cell math as in
-  the TF loop.
+  the TF loop. Gradients follow the same products: a GRU without
+  `reset_after` multiplies `r * h` by U's candidate columns only, so a NaN
+  or Inf in its z or r columns never reaches that product's gradient.
 """
 
 import functools
@@ -196,13 +198,18 @@ def gru_sequence(x_proj, h0, recurrent, recurrent_bias=None, mask=None,
     options = dict(mask=mask, go_backwards=go_backwards,
                    zero_output_for_mask=zero_output_for_mask)
 
+    # Without reset_after a step has a second product, (r * h) @ U_h, whose
+    # gradient must not meet U's z and r columns (0 * Inf there is NaN).
+    units = recurrent.shape[0]
+    columns = (0,) if reset_after else (0, 2 * units)
+
     def loop(values, x, h, *bias, probes=(), row_ids=None):
       matrix = recurrent.with_values(values)
       step = _gru_step(matrix, bias[0] if bias else None,
                        _activation_fn(activation),
                        _activation_fn(recurrent_activation), reset_after)
       return _loop(step, x, [h], probes=probes, recurrent=matrix,
-                   row_ids=row_ids, **options)
+                   row_ids=row_ids, product_columns=columns, **options)
 
     def fused(lib, values, x, h, *bias):
       return lib.tfbs_bsr_gru_sequence(
@@ -217,9 +224,8 @@ def gru_sequence(x_proj, h0, recurrent, recurrent_bias=None, mask=None,
       inputs.append(recurrent_bias)
     checks = lambda: _runtime_checks(3, recurrent, x_proj, states, mask,
                                      recurrent_bias)
-    # Without reset_after a step has a second product, (r * h) @ U.
     out, h = _sequence(loop, fused, recurrent, inputs, acts,
-                       products=1 if reset_after else 2, checks=checks)
+                       product_columns=columns, checks=checks)
     return out, h
 
 
@@ -432,12 +438,13 @@ def _flat(result):
 # --- running and differentiating a sequence -----------------------------------
 
 
-def _sequence(loop, fused, recurrent, inputs, activations, products=1,
+def _sequence(loop, fused, recurrent, inputs, activations, product_columns=(0,),
               checks=None):
   """Runs `fused(lib, values, *inputs)`, or the TF `loop` without the library.
 
   `loop(values, *inputs, probes=())` is the differentiable recurrence (see
-  `_loop`); `products` is the number of recurrent products in one step;
+  `_loop`); `product_columns` has, for each recurrent product of a step,
+  the first column of the matrix it uses (see `_loop`);
   `checks()` gives the run-time shape checks the loop needs (the op makes
   its own) and the checked row ids the loop multiplies with. Returns
   `(outputs, *final_states)`.
@@ -458,11 +465,11 @@ def _sequence(loop, fused, recurrent, inputs, activations, products=1,
   else:
     forward = lambda *args: fused(lib, *args)
   return _with_sequence_gradient(forward, loop, recurrent, values, inputs,
-                                 products, custom=lib is not None)
+                                 product_columns, custom=lib is not None)
 
 
 def _with_sequence_gradient(forward, loop, recurrent, values, inputs,
-                            products, custom):
+                            product_columns, custom):
   """Runs `forward(values, *inputs)`, with the gradient of the TF `loop`.
 
   Differentiating every step's product for the block values would run one
@@ -492,28 +499,55 @@ def _with_sequence_gradient(forward, loop, recurrent, values, inputs,
       # outside its `use_custom_ops` block.
       with _loader.use_custom_ops(custom):
         return _sequence_grads(loop, recurrent.with_values(values),
-                               inputs_after, upstream, products)
+                               inputs_after, upstream, product_columns)
 
     return tuple(results), grad
 
   return run(values, *inputs)
 
 
-def _sequence_grads(loop, matrix, inputs, upstream, products):
+def _sequence_grads(loop, matrix, inputs, upstream, product_columns):
   """Gradients `[d values, *d inputs]` of `loop`'s results for `upstream`."""
   x = inputs[0]
   units, width = matrix.shape
   probe_shape = [tf.shape(x)[1], tf.shape(x)[0], width]  # [time, batch, N]
-  probes = [tf.zeros(probe_shape, x.dtype) for _ in range(products)]
+  probes = [tf.zeros(probe_shape, x.dtype) for _ in product_columns]
   with tf.GradientTape() as tape:
     tape.watch([inputs, probes])
     outputs, states, taps = loop(matrix.values, *inputs, probes=probes)
   grads = tape.gradient(_flat((outputs, states)), [*inputs, *probes],
                         output_gradients=upstream,
                         unconnected_gradients=tf.UnconnectedGradients.ZERO)
-  d_products = tf.concat([_rows(g, width) for g in grads[len(inputs):]], axis=0)
-  lhs = tf.concat([_rows(t, units) for t in taps], axis=0)
-  return [_values_grad(lhs, d_products, matrix), *grads[:len(inputs)]]
+  d_products = [_rows(g, width) for g in grads[len(inputs):]]
+  lhs = [_rows(t, units) for t in taps]
+  # The products over the whole matrix in one values gradient; one that
+  # uses columns from c only adds to the entries there (its lhs may hold
+  # NaN or Inf, which must not reach the other entries as NaN * 0).
+  whole = [k for k, c in enumerate(product_columns) if c == 0]
+  d_values = _values_grad(tf.concat([lhs[k] for k in whole], axis=0),
+                          tf.concat([d_products[k] for k in whole], axis=0),
+                          matrix)
+  for k, c in enumerate(product_columns):
+    if c != 0:
+      part = _values_grad(lhs[k], d_products[k], matrix)
+      d_values += tf.where(_columns_from(matrix, c), part, tf.zeros_like(part))
+  return [d_values, *grads[:len(inputs)]]
+
+
+def _columns_from(matrix, first_column):
+  """Which entries of `matrix.values` lie in columns >= first_column."""
+  bw = matrix.block_size[1]
+  cols = (tf.cast(matrix.col_indices, tf.int64)[:, None] * bw +
+          tf.range(bw, dtype=tf.int64)[None, :])
+  return tf.broadcast_to((cols >= first_column)[:, None, :],
+                         tf.shape(matrix.values))
+
+
+def _from_column(matrix, first_column):
+  """`matrix` with its entries left of `first_column` stored as zeros."""
+  values = tf.convert_to_tensor(matrix.values)
+  return matrix.with_values(tf.where(_columns_from(matrix, first_column),
+                                     values, tf.zeros_like(values)))
 
 
 def _rows(t, cols):
@@ -574,9 +608,14 @@ def _dense_is_faster(matrix, min_density):
 
 
 def _loop(step, x_proj, states, mask, go_backwards, zero_output_for_mask,
-          probes=(), recurrent=None, row_ids=None):
+          probes=(), recurrent=None, row_ids=None, product_columns=(0,)):
   """`tf_keras.backend.rnn` semantics over projected inputs; returns
   `(outputs [batch, time, units], final states)`.
+
+  A step calls `product(lhs)` or `product(lhs, c)` (c in
+  `product_columns`): the latter multiplies with the matrix's columns from
+  c only (the others stored as zeros), so that its gradient never meets
+  the values there.
 
   With `probes` (one `[time, batch, N]` tensor per recurrent product of a
   step, in processing order) each product `lhs @ recurrent` gets
@@ -593,8 +632,11 @@ def _loop(step, x_proj, states, mask, go_backwards, zero_output_for_mask,
   # `xs[t]` taken inside the loop is a dense [time, ...] tensor per step.
   x_ta = _unstacked(xs)
   probe_tas = [_unstacked(p) for p in probes]
-  product = (_recomputed_product(recurrent, row_ids) if probes
-             else _step_product(recurrent, row_ids))
+  make = _recomputed_product if probes else _step_product
+  # Built before the loop: ops made while tracing its body run every step.
+  products = {c: make(recurrent if c == 0 else _from_column(recurrent, c),
+                      row_ids) for c in product_columns}
+  product = lambda lhs, first_column=0: products[first_column](lhs)
   out_ta, *tap_tas = [
       tf.TensorArray(x_proj.dtype, size=time, element_shape=states[0].shape)
       for _ in range(1 + len(probes))]
@@ -603,9 +645,9 @@ def _loop(step, x_proj, states, mask, go_backwards, zero_output_for_mask,
   def body(t, out_ta, prev_out, states, tap_tas):
     taps = []
 
-    def probed_product(lhs):
+    def probed_product(lhs, first_column=0):
       taps.append(lhs)
-      return product(lhs) + probe_tas[len(taps) - 1].read(t)
+      return product(lhs, first_column) + probe_tas[len(taps) - 1].read(t)
 
     out, new_states = step(x_ta.read(t), states,
                            probed_product if probes else product)
@@ -644,8 +686,10 @@ def _unstacked(tensor):
 
 
 def _product(recurrent, product):
-  """`product`, or by default `lhs @ recurrent`."""
-  return product or (lambda lhs: bsr_matmul(lhs, recurrent))
+  """`product`, or by default `lhs @ recurrent` (also for a product over
+  columns from c: the step keeps only those, and the default serves steps
+  that are run, not differentiated over a sequence)."""
+  return product or (lambda lhs, first_column=0: bsr_matmul(lhs, recurrent))
 
 
 def _lstm_step(recurrent, activation, recurrent_activation):
@@ -678,8 +722,8 @@ def _gru_step(recurrent, recurrent_bias, activation, recurrent_activation,
     if reset_after:
       hh = activation(x_h + r * r_h)
     else:
-      # (r * h) @ U_h: the product over all gates, keeping the h columns.
-      hh = activation(x_h + product(r * h)[:, 2 * units:])
+      # (r * h) @ U_h: a product with the h columns of U, kept.
+      hh = activation(x_h + product(r * h, 2 * units)[:, 2 * units:])
     h = z * h + (1 - z) * hh
     return h, [h]
   return step
