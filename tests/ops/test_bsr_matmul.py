@@ -262,3 +262,23 @@ def test_fallback_warns_once_when_library_is_missing():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=env, check=True).stdout.split()
   assert out == ["1", "False", "16.0", "16.0"]
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if p != "fallback"])
+def test_few_rows_over_many_blocks_split_between_threads(path):
+  """ScatterProduct (x @ W with M <= 4) splits its block rows between
+  threads only when the blocks take long to stream (about 50 MB here):
+  the partial sums of that split against numpy."""
+  rng = np.random.default_rng(12)
+  k, n, b = 4096, 4096, 16
+  keep = rng.random([k // b, n // b]) < 0.75
+  blocks = rng.standard_normal([int(keep.sum()), b, b]).astype(np.float32)
+  dense = np.zeros([k // b, b, n // b, b], np.float32)
+  rows, cols = np.nonzero(keep)
+  dense[rows, :, cols, :] = blocks
+  dense = dense.reshape(k, n)
+  m = tfbs.BlockSparseMatrix.from_dense(dense, b)
+  x = rng.standard_normal([3, k]).astype(np.float32)
+  with path_scope(path):
+    y = tfbs.ops.bsr_matmul(x, m).numpy()
+  np.testing.assert_allclose(y, x.astype(np.float64) @ dense, rtol=1e-4, atol=1e-3)
