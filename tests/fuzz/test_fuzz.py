@@ -5,6 +5,7 @@ runs the long campaign over other seeds. Every batch runs in a subprocess;
 a crash or hang there is a finding with its case saved.
 """
 
+import json
 import os
 import sys
 
@@ -95,3 +96,27 @@ def test_a_suspended_worker_is_not_a_hang(tmp_path):
   run.join(60)
   assert result.findings == []
   assert result.counts["selftest/selftest/none"]["ok"] == 1
+
+
+def test_summary_sums_campaigns_and_keeps_the_suites_asked_for(tmp_path):
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location(
+      "fuzz_summary", os.path.join(_HERE, "..", "..", "tools", "fuzz_summary.py"))
+  summary = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(summary)
+  finding = {"suite": "public", "seed": 5, "op": "bsr_matmul", "path": "fallback",
+             "outcome": "wrong", "detail": ""}
+  runs = [{"counts": {"raw/raw_matmul/custom": {"ok": 3, "rejected": 1},
+                      "public/bsr_matmul/fallback": {"ok": 2}},
+           "findings": [finding]},
+          {"counts": {"raw/raw_matmul/custom": {"ok": 4}}, "findings": []}]
+  paths = []
+  for i, run in enumerate(runs):
+    paths.append(str(tmp_path / f"c{i}.json"))
+    with open(paths[-1], "w") as f:
+      json.dump(run, f)
+  counts, findings, _ = summary.summarize([(paths[0], {"raw"}), (paths[1], None)])
+  assert dict(counts) == {"raw/raw_matmul/custom": {"ok": 7, "rejected": 1}}
+  assert findings == []  # the public suite of the first file was left out
+  counts, findings, _ = summary.summarize([(p, None) for p in paths])
+  assert counts["public/bsr_matmul/fallback"] == {"ok": 2} and findings == [finding]
