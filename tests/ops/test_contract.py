@@ -434,3 +434,38 @@ def test_reset_before_gru_gradient_keeps_to_the_candidate_columns(path):
   for g, w, name in zip(got, want, ["x_proj", "h0", "values"]):
     np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=1e-5, atol=1e-6,
                                err_msg=name)
+
+
+_HUGE_GRID = r"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+import numpy as np, tensorflow as tf, tf_blocksparse as tfbs
+
+def body(values, cols, ptr, x):
+  matrix = tfbs.BlockSparseMatrix(values, cols, ptr, (2**30, 16))
+  return tfbs.ops.bsr_matmul(x, matrix)
+
+specs = [tf.TensorSpec([None, 1, 2**20]), tf.TensorSpec([None], tf.int32),
+         tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, None])]
+with tfbs.ops.use_custom_ops(False):
+  f = tf.function(body, input_signature=specs)
+  try:
+    f(np.zeros([0, 1, 2**20], np.float32), np.zeros([0], np.int32),
+      np.zeros([9], np.int32), np.ones([1, 8], np.float32))
+  except tf.errors.InvalidArgumentError as e:
+    print("rejected:", e.message)
+    sys.exit(0)
+sys.exit(3)
+"""
+
+
+def test_a_huge_block_grid_is_rejected_before_anything_is_sized_by_it():
+  """2**30 block rows with 9 row pointers: the checks must fail before any
+  tensor of the grid's size exists (Grappler constant-folded one: fuzz
+  seed 1511839 crashed the process under an 8 GB address-space limit)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  run = subprocess.run([sys.executable, "-c", _HUGE_GRID], capture_output=True,
+                       text=True, timeout=300)
+  assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
+  assert "row_ptr must have" in run.stdout, run.stdout

@@ -258,7 +258,11 @@ def _layout_checks(nnzb, col_indices, row_ptr, dims):
                      nnzb, last)),
     ])
   with tf.control_dependencies([pointers]):
-    row_ids = tf.repeat(tf.range(tf.cast(nbr, tf.int32), dtype=tf.int32), steps)
+    # Sized by the blocks, not by nbr: Grappler may constant-fold a
+    # tf.range(nbr) of the dense shape before any check runs (2**30 rows
+    # allocated gigabytes and crashed the process: fuzz seed 1511839).
+    blocks = tf.range(nnzb, dtype=tf.int64)
+    row_ids = tf.searchsorted(ptr[1:], blocks, side="right", out_type=tf.int32)
     cols = tf.cast(col_indices, tf.int64)
     bad_range = (cols < 0) | (cols >= nbc)
     bad_order = tf.concat(
