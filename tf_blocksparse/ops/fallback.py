@@ -144,6 +144,10 @@ def bsr_values_grad_2d(x, dy, matrix):
       validation.num_blocks(matrix.values), matrix.col_indices, matrix.row_ptr,
       matrix.shape, matrix.block_size)
   _, ebh, ebw = _effective_blocks(matrix)
+  # The [K, N] product below is sized by the dense shape: it must wait for
+  # the layout checks, or a malformed huge shape allocates before they fail.
+  with tf.control_dependencies([row_ids]):
+    x, dy = tf.identity(x), tf.identity(dy)
   x = tf.pad(x, [[0, 0], [0, nbr * ebh - k]])
   dy = tf.pad(dy, [[0, 0], [0, nbc * ebw - n]])
   full = tf.matmul(x, dy, transpose_a=True)                # [nbr*bh', nbc*bw']
