@@ -58,9 +58,7 @@ def checked_product(matrix, row_ids):
   # unchecked values and col_indices could otherwise run first and fail
   # with their own message (a broadcast in `_without_padding` when the
   # counts disagree), whichever the executor happens to schedule first.
-  with tf.control_dependencies([row_ids]):
-    values = tf.identity(values)
-    col_indices = tf.identity(matrix.col_indices)
+  values, col_indices = _after_checks(row_ids, values, matrix.col_indices)
   values = _without_padding(values, matrix.shape, matrix.block_grid,
                             col_indices, row_ids, bh, bw)
   # int64 sizes: K or N may be up to 2^31 - 1, the padded ones beyond.
@@ -72,6 +70,13 @@ def checked_product(matrix, row_ids):
     y.set_shape([x.shape[0], n])
     return y
   return product
+
+
+def _after_checks(row_ids, *tensors):
+  """`tensors`, available only once the layout checks (whose output is
+  `row_ids`) have passed: graph ops on them then cannot run first."""
+  with tf.control_dependencies([row_ids]):
+    return [tf.identity(t) for t in tensors]
 
 
 _SHARED = {}
@@ -146,8 +151,7 @@ def bsr_values_grad_2d(x, dy, matrix):
   _, ebh, ebw = _effective_blocks(matrix)
   # The [K, N] product below is sized by the dense shape: it must wait for
   # the layout checks, or a malformed huge shape allocates before they fail.
-  with tf.control_dependencies([row_ids]):
-    x, dy = tf.identity(x), tf.identity(dy)
+  x, dy = _after_checks(row_ids, x, dy)
   x = tf.pad(x, [[0, 0], [0, nbr * ebh - k]])
   dy = tf.pad(dy, [[0, 0], [0, nbc * ebw - n]])
   full = tf.matmul(x, dy, transpose_a=True)                # [nbr*bh', nbc*bw']
